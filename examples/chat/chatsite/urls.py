@@ -1,0 +1,10 @@
+from django.urls import path
+from django.views.generic import RedirectView
+
+from chat import views as chat_views
+
+urlpatterns = [
+    path("", RedirectView.as_view(url="/ws/chat/")),
+    # The page and its WebSocket share this URL (@accept_websocket).
+    path("ws/chat/", chat_views.chat_view, name="chat-view"),
+]

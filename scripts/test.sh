@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Runs the whole test suite on a fresh machine: installs what the tests need
+# (Python packages in virtualenvs under .venvs/, the Autobahn TestSuite), then runs
+# pytest once per supported Django (4.2 LTS on Python 3.10, 5.2 LTS on 3.11, 6.0 on 3.12).
+#
+#   scripts/test.sh                 # the whole matrix
+#   scripts/test.sh -k seed         # extra arguments go to pytest
+#   DWS_MATRIX="5.2:3.11" scripts/test.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/_python.sh
+
+MATRIX=${DWS_MATRIX:-"4.2:3.10 5.2:3.11 6.0:3.12"}
+
+scripts/conformance.sh --setup-only   # the Autobahn TestSuite, for tests/test_conformance.py
+export WSTEST="$PWD/.venvs/autobahn/bin/wstest"
+
+status=0
+for entry in $MATRIX; do
+  django=${entry%%:*}
+  pyver=${entry##*:}
+  python=$(find_python "$pyver")
+  if [ -z "$python" ]; then
+    echo "Python $pyver is needed for Django $django; install it (pyenv install $pyver)." >&2
+    exit 1
+  fi
+  venv=".venvs/django-$django"
+  if [ ! -x "$venv/bin/python" ]; then
+    "$python" -m venv "$venv"
+  fi
+  "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
+  "$venv/bin/python" -m pip install -q -e . -r requirements/test.txt "Django~=$django.0"
+  echo "=== Django $("$venv/bin/python" -m django --version) on Python $("$venv/bin/python" -c 'import platform; print(platform.python_version())')"
+  "$venv/bin/python" -m pytest "$@" || status=$?
+done
+exit $status

@@ -1,0 +1,73 @@
+"""System checks: each mistake in the settings gets a message that names the fix."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from django.conf import settings
+from django.core.checks import Error, Warning, register
+
+from . import conf
+
+_MIDDLEWARE = "dwebsocket.middleware.WebSocketMiddleware"
+
+
+def _number_or_none(name: str, *, allow_none: bool = True, integer: bool = False) -> list[Error]:
+    value = conf.get(name)
+    if value is None and allow_none:
+        return []
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
+        what = "a positive integer" if integer else "a positive number of seconds"
+        if allow_none:
+            what += " or None"
+        return [
+            Error(
+                f"{name} must be {what}; it is {value!r}.",
+                hint=f"Set {name} = {conf.DEFAULTS[name]!r} (the default) or remove it.",
+                id="dwebsocket.E001",
+            )
+        ]
+    return []
+
+
+@register()
+def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error | Warning]:
+    """Check every dwebsocket setting and the middleware's place."""
+    errors: list[Error | Warning] = []
+    errors += _number_or_none("WEBSOCKET_MAX_MESSAGE_SIZE", integer=True)
+    errors += _number_or_none("WEBSOCKET_MAX_QUEUE", allow_none=False, integer=True)
+    errors += _number_or_none("WEBSOCKET_PING_INTERVAL")
+    errors += _number_or_none("WEBSOCKET_PING_TIMEOUT")
+    errors += _number_or_none("WEBSOCKET_CLOSE_TIMEOUT", allow_none=False)
+
+    origins = conf.get("WEBSOCKET_ALLOWED_ORIGINS")
+    if origins is not None and (
+        isinstance(origins, str)
+        or not isinstance(origins, Sequence)
+        or not all(isinstance(o, str) for o in origins)
+    ):
+        errors.append(
+            Error(
+                f"WEBSOCKET_ALLOWED_ORIGINS must be a list of strings; it is {origins!r}.",
+                hint='For example WEBSOCKET_ALLOWED_ORIGINS = ["https://app.example.com"].',
+                id="dwebsocket.E002",
+            )
+        )
+
+    middleware = list(getattr(settings, "MIDDLEWARE", None) or [])
+    if _MIDDLEWARE not in middleware:
+        errors.append(
+            Warning(
+                f"{_MIDDLEWARE} is not in MIDDLEWARE.",
+                hint=(
+                    "Decorated views still work, but request.is_websocket() and "
+                    "request.websocket are only set on them, and "
+                    "WEBSOCKET_ACCEPT_ALL has no effect. Add it right after "
+                    "django.middleware.common.CommonMiddleware."
+                ),
+                id="dwebsocket.W001",
+            )
+        )
+    return errors

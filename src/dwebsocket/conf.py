@@ -1,0 +1,65 @@
+"""Every dwebsocket setting, with its default, in one place.
+
+Settings are read from ``django.conf.settings`` each time a connection opens,
+so ``override_settings`` in tests and per-process settings modules both work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings
+
+#: The settings dwebsocket reads, and the value used when a project leaves one out.
+DEFAULTS: dict[str, Any] = {
+    # Accept WebSocket handshakes on every view, decorated or not (the
+    # original dwebsocket's name).
+    "WEBSOCKET_ACCEPT_ALL": False,
+    # Origins a browser handshake may come from, besides ALLOWED_HOSTS and
+    # CSRF_TRUSTED_ORIGINS: full origins ("https://app.example.com", with "*."
+    # wildcards) or host names; ["*"] allows every origin.
+    "WEBSOCKET_ALLOWED_ORIGINS": None,
+    # The largest message a client may send, in bytes; larger ones close the
+    # connection with 1009. None: no limit.
+    "WEBSOCKET_MAX_MESSAGE_SIZE": 1024 * 1024,
+    # Messages received but not yet read by the view. When it is full,
+    # dwebsocket stops reading from the socket until the view catches up.
+    "WEBSOCKET_MAX_QUEUE": 64,
+    # Seconds without traffic before a keepalive ping; None turns pings off.
+    "WEBSOCKET_PING_INTERVAL": 20.0,
+    # Seconds to wait for the answer to a ping before the peer counts as gone.
+    "WEBSOCKET_PING_TIMEOUT": 20.0,
+    # Seconds to wait for the client's answer to a close frame.
+    "WEBSOCKET_CLOSE_TIMEOUT": 5.0,
+    # Offer permessage-deflate compression to clients that ask for it.
+    "WEBSOCKET_COMPRESSION": True,
+}
+
+
+def get(name: str) -> Any:
+    """Return the value of setting *name*, or its default."""
+    return getattr(settings, name, DEFAULTS[name])
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The per-connection limits, read once when a connection opens."""
+
+    max_message_size: int | None
+    max_queue: int
+    ping_interval: float | None
+    ping_timeout: float | None
+    close_timeout: float
+    compression: bool
+
+    @classmethod
+    def from_settings(cls) -> Limits:
+        return cls(
+            max_message_size=get("WEBSOCKET_MAX_MESSAGE_SIZE"),
+            max_queue=get("WEBSOCKET_MAX_QUEUE"),
+            ping_interval=get("WEBSOCKET_PING_INTERVAL"),
+            ping_timeout=get("WEBSOCKET_PING_TIMEOUT"),
+            close_timeout=get("WEBSOCKET_CLOSE_TIMEOUT"),
+            compression=bool(get("WEBSOCKET_COMPRESSION")),
+        )

@@ -1,0 +1,114 @@
+"""``@require_websocket`` and ``@accept_websocket``: which views speak WebSocket."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar, overload
+
+from django.http import HttpRequest, HttpResponseBadRequest
+from django.http.response import HttpResponseBase
+
+from .connection import CONNECTING
+from .websocket import attach
+
+logger = logging.getLogger("dwebsocket")
+
+View = TypeVar("View", bound=Callable[..., Any])
+
+_NOT_WEBSOCKET = (
+    "This URL speaks WebSocket only: connect with a WebSocket client "
+    "(new WebSocket('ws://...') in a browser).\n"
+)
+
+
+def run_websocket_view(
+    view: Callable[..., Any],
+    request: HttpRequest,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    subprotocols: Iterable[str] | None = None,
+) -> HttpResponseBase:
+    """Run *view* for a WebSocket handshake and return what the server gets back.
+
+    The handshake is checked first (a bad one or a foreign origin is refused
+    with 400/403 before the view runs). If the view returns a response without
+    having used ``request.websocket``, that response refuses the handshake.
+    Otherwise the connection is closed when the view returns, with 1011 if it
+    raised.
+    """
+    websocket = attach(request)
+    assert websocket is not None
+    refusal = websocket._prepare(subprotocols)
+    if refusal is not None:
+        return refusal
+    try:
+        response = view(request, *args, **kwargs)
+    except Exception:
+        if websocket._state == CONNECTING:
+            websocket._refuse()
+            raise  # nothing was sent yet: Django answers with its usual 500 page
+        logger.exception("dwebsocket: error in WebSocket view %s", _name(view))
+        if websocket.connected:
+            websocket.close(1011, "internal error")
+    else:
+        if isinstance(response, HttpResponseBase) and websocket._state == CONNECTING:
+            websocket._refuse()
+            return response
+    return websocket._finish()
+
+
+def _name(view: Callable[..., Any]) -> str:
+    return getattr(view, "__qualname__", None) or repr(view)
+
+
+def _websocket_view(view: View, *, required: bool, subprotocols: Iterable[str] | None) -> View:
+    @functools.wraps(view)
+    def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        if attach(request) is None:
+            if required:
+                return HttpResponseBadRequest(_NOT_WEBSOCKET, content_type="text/plain")
+            return view(request, *args, **kwargs)  # type: ignore[no-any-return]
+        return run_websocket_view(view, request, args, kwargs, subprotocols)
+
+    wrapper.accept_websocket = True  # type: ignore[attr-defined]
+    wrapper.require_websocket = required  # type: ignore[attr-defined]
+    return wrapper  # type: ignore[return-value]
+
+
+@overload
+def require_websocket(view: View) -> View: ...
+@overload
+def require_websocket(*, subprotocols: Iterable[str] | None = None) -> Callable[[View], View]: ...
+def require_websocket(
+    view: View | None = None, *, subprotocols: Iterable[str] | None = None
+) -> View | Callable[[View], View]:
+    """Make *view* a WebSocket endpoint; any other request gets 400 Bad Request.
+
+    Use it bare (``@require_websocket``) or with the subprotocols the view
+    speaks, in order of preference (``@require_websocket(subprotocols=["chat"])``).
+    """
+    if view is None:
+        return lambda v: _websocket_view(v, required=True, subprotocols=subprotocols)
+    return _websocket_view(view, required=True, subprotocols=subprotocols)
+
+
+@overload
+def accept_websocket(view: View) -> View: ...
+@overload
+def accept_websocket(*, subprotocols: Iterable[str] | None = None) -> Callable[[View], View]: ...
+def accept_websocket(
+    view: View | None = None, *, subprotocols: Iterable[str] | None = None
+) -> View | Callable[[View], View]:
+    """Let *view* serve both plain HTTP and WebSocket on the same URL.
+
+    Inside, ``request.is_websocket()`` tells which one it is serving, and
+    ``request.websocket`` is the connection (``None`` for plain HTTP).
+    """
+    if view is None:
+        return lambda v: _websocket_view(v, required=False, subprotocols=subprotocols)
+    return _websocket_view(view, required=False, subprotocols=subprotocols)
+
+
+__all__ = ["accept_websocket", "require_websocket"]

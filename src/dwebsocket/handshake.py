@@ -1,0 +1,159 @@
+"""The opening handshake: is this request a WebSocket one, may it connect, and the answer.
+
+The HTTP request has already been parsed by the server into a WSGI environ (or
+an ASGI scope); wsproto validates it as a WebSocket handshake and writes the
+``101 Switching Protocols`` answer, so nothing here parses or formats frames.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from urllib.parse import urlsplit
+
+import wsproto
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse
+from django.http.request import split_domain_port, validate_host
+from wsproto.events import AcceptConnection, RejectConnection, Request
+from wsproto.extensions import PerMessageDeflate
+from wsproto.utilities import RemoteProtocolError
+
+from . import conf
+
+
+class HandshakeError(Exception):
+    """A handshake dwebsocket refuses, with the HTTP status to answer it with."""
+
+    def __init__(self, status: int, message: str, headers: Sequence[tuple[str, str]] = ()) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = list(headers)
+
+    def response(self) -> HttpResponse:
+        """The plain HTTP response that refuses the handshake."""
+        response = HttpResponse(
+            self.message + "\n", status=self.status, content_type="text/plain; charset=utf-8"
+        )
+        for name, value in self.headers:
+            response[name] = value
+        return response
+
+
+def is_websocket_request(request: HttpRequest) -> bool:
+    """Whether *request* asks to switch to the WebSocket protocol."""
+    return request.method == "GET" and "websocket" in request.META.get("HTTP_UPGRADE", "").lower()
+
+
+def _request_bytes(request: HttpRequest) -> bytes:
+    """Rebuild the request head the server parsed, for wsproto to validate."""
+    lines = [f"GET {request.get_full_path()} HTTP/1.1"]
+    for key, value in request.META.items():
+        if key.startswith("HTTP_"):
+            lines.append(f"{key[5:].replace('_', '-')}: {value}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
+
+
+class Handshake:
+    """A validated opening handshake, ready to be accepted.
+
+    Raises :class:`HandshakeError` when the request is not a valid WebSocket
+    handshake or comes from an origin the project does not allow.
+    """
+
+    def __init__(self, request: HttpRequest) -> None:
+        origin = request.META.get("HTTP_ORIGIN")
+        if origin is not None and not origin_allowed(origin):
+            raise HandshakeError(
+                403,
+                f"WebSocket connections from origin {origin!r} are not allowed. Add it to "
+                "ALLOWED_HOSTS, CSRF_TRUSTED_ORIGINS or WEBSOCKET_ALLOWED_ORIGINS.",
+            )
+        self.connection = wsproto.WSConnection(wsproto.ConnectionType.SERVER)
+        try:
+            self.connection.receive_data(_request_bytes(request))
+            events = list(self.connection.events())
+        except RemoteProtocolError as exc:
+            hint = exc.event_hint
+            status = hint.status_code if isinstance(hint, RejectConnection) else 400
+            headers = [
+                (name.decode("latin-1"), value.decode("latin-1"))
+                for name, value in getattr(hint, "headers", [])
+            ]
+            raise HandshakeError(status, f"Invalid WebSocket handshake: {exc}", headers) from None
+        requests = [event for event in events if isinstance(event, Request)]
+        if not requests:  # pragma: no cover - wsproto yields one Request or raises
+            raise HandshakeError(400, "Invalid WebSocket handshake.")
+        self._request = requests[0]
+
+    @property
+    def offered_subprotocols(self) -> list[str]:
+        """The subprotocols the client offered, in its order of preference."""
+        return list(self._request.subprotocols)
+
+    def select_subprotocol(self, supported: Iterable[str] | None) -> str | None:
+        """The first subprotocol the client offered that the view supports."""
+        supported = list(supported or ())
+        for offered in self._request.subprotocols:
+            if offered in supported:
+                return offered
+        return None
+
+    def accept(self, subprotocol: str | None, *, compression: bool) -> bytes:
+        """Return the bytes of the ``101 Switching Protocols`` response.
+
+        Afterwards :attr:`connection` frames and parses messages.
+        """
+        extensions = [PerMessageDeflate()] if compression else []
+        return self.connection.send(
+            AcceptConnection(subprotocol=subprotocol, extensions=extensions)
+        )
+
+
+def _debug_hosts() -> list[str]:
+    hosts = list(settings.ALLOWED_HOSTS)
+    if settings.DEBUG and not hosts:
+        # The hosts Django itself allows when DEBUG is on and ALLOWED_HOSTS is empty.
+        hosts = [".localhost", "127.0.0.1", "[::1]"]
+    return hosts
+
+
+def _origin_matches(origin: str, patterns: Iterable[str]) -> bool:
+    """Match a full origin against origins ("https://*.example.com") or host patterns."""
+    parts = urlsplit(origin)
+    for pattern in patterns:
+        if pattern == "*":
+            return True
+        if "://" not in pattern:
+            if parts.hostname and validate_host(parts.hostname, [pattern]):
+                return True
+            continue
+        wanted = urlsplit(pattern)
+        if wanted.scheme != parts.scheme:
+            continue
+        if wanted.netloc.startswith("*."):
+            suffix = wanted.netloc[1:]
+            if parts.netloc.endswith(suffix) or parts.netloc == suffix[1:]:
+                return True
+        elif wanted.netloc == parts.netloc:
+            return True
+    return False
+
+
+def origin_allowed(origin: str) -> bool:
+    """Whether a browser at *origin* may open a WebSocket to this project.
+
+    Allowed are origins listed in ``WEBSOCKET_ALLOWED_ORIGINS`` (when set, it is
+    the whole list), else origins whose host is in ``ALLOWED_HOSTS`` or that are
+    listed in ``CSRF_TRUSTED_ORIGINS`` -- the same rules Django applies to forms.
+    """
+    explicit = conf.get("WEBSOCKET_ALLOWED_ORIGINS")
+    if explicit is not None:
+        return _origin_matches(origin, explicit)
+    parts = urlsplit(origin)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return False
+    domain, _port = split_domain_port(parts.netloc)
+    if domain and validate_host(domain, _debug_hosts()):
+        return True
+    return _origin_matches(origin, getattr(settings, "CSRF_TRUSTED_ORIGINS", []))

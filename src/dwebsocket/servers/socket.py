@@ -1,0 +1,229 @@
+"""Drive a WebSocket over a socket that a WSGI server lent us, with wsproto.
+
+wsproto does all of the protocol: framing, masking, fragmentation, UTF-8
+checks, ping/pong, the closing handshake and permessage-deflate. This module
+only moves bytes between it and the socket, and adds what a server needs to
+stay alive: a message size limit, keepalive pings and a close timeout.
+
+Threads: one reader thread per connection receives, answers pings and closes
+*in the order frames arrive*; any thread may send. ``_lock`` guards the
+wsproto connection and every write to the socket, so frames never interleave.
+The socket itself belongs to the server: this module shuts it down when the
+connection ends and never closes its file descriptor (the server does, once).
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import wsproto
+from wsproto.connection import ConnectionState
+from wsproto.events import BytesMessage, CloseConnection, Message, Ping, Pong, TextMessage
+
+from ..conf import Limits
+from ..connection import Connection
+from ..connection import Message as MessageData
+
+logger = logging.getLogger("dwebsocket")
+
+_RECV_SIZE = 65536
+
+
+class SocketTransport:
+    """The transport of one connection over a blocking socket."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        protocol: wsproto.WSConnection,
+        connection: Connection,
+        limits: Limits,
+    ) -> None:
+        self._sock = sock
+        self._connection = connection
+        self._limits = limits
+        # Guarded by _lock: the wsproto state machine and writes to the socket.
+        self._lock = threading.Lock()
+        self._protocol = protocol
+        self._close_sent_at: float | None = None
+        # Owned by the reader thread.
+        self._parts: list[str] | list[bytes] = []
+        self._size = 0
+        self._discarding = False
+        self._last_seen = time.monotonic()
+        self._ping_sent_at: float | None = None
+        self._shutdown_lock = threading.Lock()
+        self._is_shut_down = False
+        self._reader = threading.Thread(
+            target=self._read_loop, name="dwebsocket-reader", daemon=True
+        )
+
+    def start(self) -> None:
+        """Start reading frames."""
+        self._reader.start()
+
+    # -- called from any thread ----------------------------------------------
+
+    def send(self, message: MessageData) -> bool:
+        with self._lock:
+            if self._protocol.state is not ConnectionState.OPEN:
+                return False
+            return self._write(self._protocol.send(Message(data=message)))
+
+    def close(self, code: int, reason: str) -> None:
+        with self._lock:
+            if self._protocol.state is ConnectionState.OPEN:
+                self._close_sent_at = time.monotonic()
+                self._write(self._protocol.send(CloseConnection(code=code, reason=reason)))
+
+    def finish(self) -> None:
+        """End the connection after the view returned: close, wait, shut down."""
+        self.close(1000, "")
+        self._reader.join(self._limits.close_timeout)
+        self._shutdown()
+        self._reader.join()
+
+    # -- internals -----------------------------------------------------------
+
+    def _write(self, data: bytes) -> bool:
+        """Write *data*; call with ``_lock`` held. ``False`` if the peer is gone."""
+        try:
+            self._sock.sendall(data)
+        except OSError:
+            self._shutdown()
+            return False
+        return True
+
+    def _shutdown(self) -> None:
+        """Shut the socket down once; its file descriptor stays the server's to close."""
+        with self._shutdown_lock:
+            if self._is_shut_down:
+                return
+            self._is_shut_down = True
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _next_timeout(self) -> float | None:
+        """Seconds until the reader must look at the clock again; <= 0 when it is due."""
+        now = time.monotonic()
+        deadlines = []
+        if self._close_sent_at is not None:
+            deadlines.append(self._close_sent_at + self._limits.close_timeout)
+        interval, timeout = self._limits.ping_interval, self._limits.ping_timeout
+        if interval is not None:
+            if self._ping_sent_at is None:
+                deadlines.append(self._last_seen + interval)
+            elif timeout is not None:
+                deadlines.append(self._ping_sent_at + timeout)
+        return min(deadlines) - now if deadlines else None
+
+    def _on_timer(self) -> tuple[int, str] | None:
+        """Send a due keepalive ping; return a close code once the peer counts as gone."""
+        now = time.monotonic()
+        if self._close_sent_at is not None and now - self._close_sent_at >= self._limits.close_timeout:
+            return 1006, "no answer to the close frame"
+        if self._ping_sent_at is not None:
+            return 1006, "no answer to the keepalive ping"
+        with self._lock:
+            if self._protocol.state is ConnectionState.OPEN:
+                self._ping_sent_at = now
+                self._write(self._protocol.send(Ping(payload=b"dwebsocket")))
+        return None
+
+    def _read_loop(self) -> None:
+        code, reason = 1006, ""
+        poller = select.poll()
+        poller.register(self._sock, select.POLLIN)
+        pending = getattr(self._sock, "pending", None)  # TLS sockets buffer decrypted bytes
+        try:
+            while True:
+                if not (pending and pending()):
+                    timeout = self._next_timeout()
+                    if timeout is not None and timeout <= 0:
+                        ended = self._on_timer()
+                        if ended is not None:
+                            code, reason = ended
+                            break
+                        continue
+                    if not poller.poll(None if timeout is None else timeout * 1000 + 1):
+                        continue
+                data = self._sock.recv(_RECV_SIZE)
+                self._last_seen = time.monotonic()
+                self._ping_sent_at = None
+                messages, ended = self._receive(data or None)
+                for message in messages:
+                    self._connection._deliver(message)
+                if ended is not None:
+                    code, reason = ended
+                    break
+        except OSError:
+            pass
+        except Exception:  # pragma: no cover - a bug in dwebsocket, not in the peer
+            logger.exception("dwebsocket: the WebSocket reader failed")
+            code, reason = 1011, ""
+        finally:
+            self._shutdown()
+            self._connection._closed(code, reason)
+
+    def _receive(self, data: bytes | None) -> tuple[list[MessageData], tuple[int, str] | None]:
+        """Feed *data* to wsproto and act on what it parsed, in order."""
+        messages: list[MessageData] = []
+        ended: tuple[int, str] | None = None
+        with self._lock:
+            protocol = self._protocol
+            protocol.receive_data(data)
+            out = bytearray()
+            for event in protocol.events():
+                if isinstance(event, (TextMessage, BytesMessage)):
+                    message = self._collect(event)
+                    if message is not None:
+                        messages.append(message)
+                    elif self._discarding and protocol.state is ConnectionState.OPEN:
+                        self._close_sent_at = time.monotonic()
+                        out += protocol.send(CloseConnection(code=1009, reason="message too big"))
+                elif isinstance(event, Ping):
+                    if protocol.state is ConnectionState.OPEN:
+                        out += protocol.send(event.response())
+                elif isinstance(event, Pong):
+                    pass  # any traffic, pongs included, resets the keepalive clock
+                elif isinstance(event, CloseConnection):
+                    if protocol.state is ConnectionState.REMOTE_CLOSING:
+                        out += protocol.send(event.response())  # the client closed first
+                    elif protocol.state is ConnectionState.OPEN:
+                        # wsproto found a protocol error: fail the connection.
+                        out += protocol.send(CloseConnection(code=event.code, reason=event.reason))
+                    ended = event.code, event.reason or ""
+                    break
+            if out:
+                self._write(bytes(out))
+        return messages, ended
+
+    def _collect(self, event: TextMessage | BytesMessage) -> MessageData | None:
+        """Add a piece of a message; return the message once it is complete."""
+        data = event.data
+        if not self._discarding:
+            if isinstance(data, str):
+                self._size += len(data) if data.isascii() else len(data.encode("utf-8"))
+            else:
+                self._size += len(data)
+            limit = self._limits.max_message_size
+            if limit is not None and self._size > limit:
+                self._discarding = True
+                self._parts = []
+            else:
+                self._parts.append(data)  # type: ignore[arg-type]
+        if not event.message_finished:
+            return None
+        parts, self._parts, self._size = self._parts, [], 0
+        if self._discarding:
+            return None
+        if isinstance(data, str):
+            return "".join(parts)  # type: ignore[arg-type]
+        return b"".join(parts)  # type: ignore[arg-type]

@@ -1,0 +1,65 @@
+"""Settings of the Django project the tests serve with real servers."""
+
+import os
+from pathlib import Path
+
+BASE_DIR = Path(__file__).resolve().parent
+SECRET_KEY = "dwebsocket-tests-not-secret"
+DEBUG = os.environ.get("DWS_TEST_DEBUG", "1") == "1"
+ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
+CSRF_TRUSTED_ORIGINS = ["https://trusted.example"]
+
+INSTALLED_APPS = [
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "dwebsocket",
+    "tests.project",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "dwebsocket.middleware.WebSocketMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "tests.project.urls"
+DATABASES = {
+    "default": {
+        "ENGINE": "django.db.backends.sqlite3",
+        "NAME": os.environ.get("DWS_TEST_DB", str(BASE_DIR / "test.sqlite3")),
+    }
+}
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "APP_DIRS": True,
+        "OPTIONS": {"context_processors": ["django.contrib.auth.context_processors.auth"]},
+    }
+]
+STATIC_URL = "/static/"
+USE_TZ = True
+DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
+
+# Short timers, so that tests of keepalive and closing finish quickly.
+WEBSOCKET_PING_INTERVAL = float(os.environ.get("DWS_TEST_PING_INTERVAL", "20"))
+WEBSOCKET_PING_TIMEOUT = float(os.environ.get("DWS_TEST_PING_TIMEOUT", "20"))
+WEBSOCKET_CLOSE_TIMEOUT = 2.0
+WEBSOCKET_MAX_MESSAGE_SIZE = int(os.environ.get("DWS_TEST_MAX_MESSAGE_SIZE", str(1024 * 1024)))
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "loggers": {
+        "dwebsocket": {"handlers": ["console"], "level": "INFO"},
+        "django": {"handlers": ["console"], "level": "INFO"},
+    },
+}

@@ -1,0 +1,26 @@
+from django.urls import path
+
+from . import seed_broadcast, seed_echo, views
+
+urlpatterns = [
+    path("health/", views.health),
+    path("result/<str:key>/", views.result),
+    path("seed/echo/", seed_echo.chat_view),
+    path("seed/broadcast/", seed_broadcast.chat_view),
+    path("echo/", views.echo),
+    path("page-or-socket/", views.page_or_socket),
+    path("plain/", views.plain),
+    path("wait-timeout/", views.wait_timeout),
+    path("queue/", views.queue),
+    path("server-close/", views.server_close),
+    path("disconnect/", views.disconnect),
+    path("subprotocol/", views.subprotocol),
+    path("send-types/", views.send_types),
+    path("raises/", views.raises),
+    path("refuses/", views.refuses),
+    path("noop/", views.noop),
+    path("big/", views.big),
+    path("whoami/", views.whoami),
+    path("concurrent-send/", views.concurrent_send),
+    path("undecorated-echo/", views.undecorated_echo),
+]

@@ -1,0 +1,181 @@
+"""Views that exercise each member of request.websocket, for the tests."""
+
+import threading
+import time
+
+from django.contrib.auth.decorators import login_required
+from django.http import HttpResponse, HttpResponseForbidden, JsonResponse
+
+from dwebsocket import accept_websocket, require_websocket
+
+# Close codes and reasons that views saw, by the ?id= of the connection.
+# Guarded by _results_lock: views write from their own threads.
+_results: dict[str, dict] = {}
+_results_lock = threading.Lock()
+
+
+def _record(request, **values):
+    key = request.GET.get("id")
+    if key:
+        with _results_lock:
+            _results.setdefault(key, {}).update(values)
+
+
+def health(request):
+    return HttpResponse("ok")
+
+
+def result(request, key):
+    """What the WebSocket view with ?id=key recorded, once it has finished."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with _results_lock:
+            found = _results.get(key)
+            if found and found.get("finished"):
+                return JsonResponse(found)
+        time.sleep(0.02)
+    return JsonResponse({"error": "no result"}, status=404)
+
+
+@require_websocket
+def echo(request):
+    ws = request.websocket
+    for message in ws:
+        ws.send(message)
+    _record(request, close_code=ws.close_code, close_reason=ws.close_reason,
+            closed=ws.closed, connected=ws.connected, finished=True)
+
+
+@accept_websocket
+def page_or_socket(request):
+    if not request.is_websocket():
+        return HttpResponse("plain http")
+    for message in request.websocket:
+        request.websocket.send(f"ws:{message}")
+
+
+def plain(request):
+    return HttpResponse(f"plain view, is_websocket={request.is_websocket()}")
+
+
+@require_websocket
+def wait_timeout(request):
+    ws = request.websocket
+    started = time.monotonic()
+    message = ws.wait(timeout=0.3)
+    waited = time.monotonic() - started
+    ws.send(f"timeout message={message!r} connected={ws.connected} waited={waited >= 0.25}")
+    for message in ws:
+        ws.send(message)
+
+
+@require_websocket
+def queue(request):
+    """Reports the queue after the client sent three messages."""
+    ws = request.websocket
+    first = ws.read()
+    deadline = time.monotonic() + 5
+    while ws.count_messages() < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    ws.send(f"first={first!r} count={ws.count_messages()} has={ws.has_messages()}")
+    got = [ws.read() for _ in range(4)]
+    ws.send(f"read={got!r} has={ws.has_messages()}")
+    ws.wait()
+
+
+@require_websocket
+def server_close(request):
+    ws = request.websocket
+    message = ws.wait()
+    code = int(request.GET.get("code", "1000"))
+    ws.close(code, f"bye {message}")
+    ws.close(code, "second close is ignored")
+    after = ws.wait()
+    _record(request, after=after, close_code=ws.close_code, closed=ws.closed,
+            connected=ws.connected, send_after=ws.send("late"), finished=True)
+
+
+@require_websocket
+def disconnect(request):
+    request.websocket.disconnect()
+    request.websocket.disconnect()
+
+
+@require_websocket(subprotocols=["chat.v2", "chat.v1"])
+def subprotocol(request):
+    ws = request.websocket
+    ws.send(f"subprotocol={ws.subprotocol} protocol={ws.protocol}")
+    ws.wait()
+
+
+@require_websocket
+def send_types(request):
+    ws = request.websocket
+    ws.send("text")
+    ws.send(b"\x00\x01binary")
+    ws.send(bytearray(b"bytearray"))
+    try:
+        ws.send(123)
+    except TypeError as exc:
+        ws.send(f"TypeError: {exc}")
+    ws.wait()
+
+
+@require_websocket
+def raises(request):
+    request.websocket.send("about to fail")
+    raise RuntimeError("this view fails on purpose")
+
+
+@require_websocket
+def refuses(request):
+    return HttpResponseForbidden("no entry\n")
+
+
+@require_websocket
+def noop(request):
+    return None
+
+
+@require_websocket
+def big(request):
+    """Sends a message of ?size= bytes, then echoes."""
+    ws = request.websocket
+    ws.send(b"x" * int(request.GET.get("size", "0")))
+    for message in ws:
+        ws.send(message)
+
+
+@login_required
+@require_websocket
+def whoami(request):
+    request.websocket.send(request.user.get_username())
+    request.websocket.wait()
+
+
+@require_websocket
+def concurrent_send(request):
+    """Sends from many threads at once: frames must never interleave."""
+    ws = request.websocket
+    threads_count = int(request.GET.get("threads", "8"))
+    count = int(request.GET.get("count", "100"))
+
+    def sender(n):
+        for i in range(count):
+            ws.send(f"{n}:{i}:" + "y" * (i % 50) * 100)
+
+    threads = [threading.Thread(target=sender, args=(n,)) for n in range(threads_count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    ws.send("done")
+    ws.wait()
+
+
+def undecorated_echo(request):
+    """No decorator: only reachable over WebSocket with WEBSOCKET_ACCEPT_ALL."""
+    if not request.is_websocket():
+        return HttpResponse("plain")
+    for message in request.websocket:
+        request.websocket.send(message)

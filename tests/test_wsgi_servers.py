@@ -1,0 +1,410 @@
+"""request.websocket under runserver, gunicorn gthread and gunicorn gevent.
+
+Each test runs once per server (see the ``server`` fixture), against the
+running server, with the `websockets` library as the client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import socket
+import time
+import uuid
+
+import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from .client import result, ws_connect
+from .servers import start_server
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+# -- the seed guide's views, verbatim ---------------------------------------
+
+
+def test_seed_echo_answers_you_said(server):
+    with ws_connect(server, "/seed/echo/") as ws:
+        ws.send("hello")
+        assert ws.recv(timeout=5) == "You said: hello"
+        ws.send("héllo wörld ✓ 🚀")
+        reply = ws.recv(timeout=5)
+        assert reply == "You said: héllo wörld ✓ 🚀"
+        assert isinstance(reply, str)
+    assert "Received message: hello" in server.watch.text()
+
+
+def test_seed_echo_refuses_plain_http_with_400(server):
+    status, body = server.get("/seed/echo/")
+    assert status == 400
+    assert "WebSocket" in body
+
+
+def test_seed_broadcast_reaches_every_other_client(server):
+    with contextlib.ExitStack() as stack:
+        clients = [stack.enter_context(ws_connect(server, "/seed/broadcast/")) for _ in range(3)]
+        deadline = time.monotonic() + 5
+        while server.watch.text().count("New client connected") < 3:
+            assert time.monotonic() < deadline, server.watch.text()
+            time.sleep(0.02)
+        sender, *others = clients
+        sender.send("hi everyone")
+        for other in others:
+            assert other.recv(timeout=5) == "hi everyone"
+        others[0].send("and back")
+        assert sender.recv(timeout=5) == "and back"
+        assert others[1].recv(timeout=5) == "and back"
+        with pytest.raises(TimeoutError):
+            sender.recv(timeout=0.5)  # the sender never gets its own message back
+    deadline = time.monotonic() + 5
+    while "Total clients: 0" not in server.watch.text():
+        assert time.monotonic() < deadline, server.watch.text()
+        time.sleep(0.02)
+
+
+# -- messages ----------------------------------------------------------------
+
+
+def test_text_binary_and_fragmented_messages(server):
+    with ws_connect(server, "/echo/") as ws:
+        ws.send("plain text")
+        assert ws.recv(timeout=5) == "plain text"
+        ws.send(b"\x00\xffbinary")
+        reply = ws.recv(timeout=5)
+        assert reply == b"\x00\xffbinary" and isinstance(reply, bytes)
+        ws.send(["frag", "mén", "ted"])
+        assert ws.recv(timeout=5) == "fragménted"
+        ws.send([b"a", b"b", b"c"])
+        assert ws.recv(timeout=5) == b"abc"
+        ws.send("")
+        assert ws.recv(timeout=5) == ""
+
+
+@pytest.mark.parametrize("compression", ["deflate", None])
+def test_one_mebibyte_messages_both_ways(server, compression):
+    size = 1024 * 1024
+    with ws_connect(server, f"/big/?size={size}", compression=compression) as ws:
+        assert ws.recv(timeout=10) == b"x" * size
+        text = "é" * (size // 2)  # 1 MiB of UTF-8
+        ws.send(text)
+        assert ws.recv(timeout=10) == text
+        binary = bytes(range(256)) * (size // 256)
+        ws.send(binary)
+        assert ws.recv(timeout=10) == binary
+
+
+def test_message_over_the_limit_closes_with_1009(server):
+    key = new_id()
+    with ws_connect(server, f"/echo/?id={key}") as ws:
+        ws.send(b"x" * (1024 * 1024 + 1))
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=5)
+        assert closed.value.rcvd.code == 1009
+    assert result(server, key)["closed"] is True
+
+
+def test_ping_is_answered(server):
+    with ws_connect(server, "/echo/") as ws:
+        for payload in (b"", b"abc", b"x" * 125):
+            assert ws.ping(payload).wait(5)
+        ws.send("still open")
+        assert ws.recv(timeout=5) == "still open"
+
+
+def test_sends_from_many_threads_never_interleave(server):
+    with ws_connect(server, "/concurrent-send/?threads=8&count=100") as ws:
+        seen = set()
+        while (message := ws.recv(timeout=10)) != "done":
+            sender, index, padding = message.split(":")
+            assert padding == "y" * (int(index) % 50) * 100
+            seen.add((sender, index))
+        assert len(seen) == 800
+
+
+def test_send_types(server):
+    with ws_connect(server, "/send-types/") as ws:
+        assert ws.recv(timeout=5) == "text"
+        assert ws.recv(timeout=5) == b"\x00\x01binary"
+        assert ws.recv(timeout=5) == b"bytearray"
+        error = ws.recv(timeout=5)
+        assert error.startswith("TypeError: send() takes str (a text frame) or bytes")
+
+
+# -- the connection object's members -------------------------------------------
+
+
+def test_wait_timeout_is_told_apart_from_close(server):
+    with ws_connect(server, "/wait-timeout/") as ws:
+        assert ws.recv(timeout=5) == "timeout message=None connected=True waited=True"
+        ws.send("after")
+        assert ws.recv(timeout=5) == "after"
+
+
+def test_read_count_messages_and_has_messages(server):
+    with ws_connect(server, "/queue/") as ws:
+        for text in ("one", "two", "three"):
+            ws.send(text)
+        # read() before anything arrived may return None or "one", depending on timing.
+        report = ws.recv(timeout=5)
+        if report.startswith("first=None"):
+            assert report == "first=None count=3 has=True"
+            assert ws.recv(timeout=5) == "read=['one', 'two', 'three', None] has=False"
+        else:
+            assert report == "first='one' count=2 has=True"
+            assert ws.recv(timeout=5) == "read=['two', 'three', None, None] has=False"
+
+
+def test_client_close_code_and_reason_reach_the_view(server):
+    key = new_id()
+    with ws_connect(server, f"/echo/?id={key}") as ws:
+        ws.send("x")
+        ws.recv(timeout=5)
+        ws.close(4001, "client leaves")
+    assert result(server, key) == {
+        "close_code": 4001, "close_reason": "client leaves",
+        "closed": True, "connected": False, "finished": True,
+    }
+
+
+@pytest.mark.parametrize("code", [1000, 1001, 1011, 4002])
+def test_server_close_code_and_reason_reach_the_client(server, code):
+    key = new_id()
+    with ws_connect(server, f"/server-close/?code={code}&id={key}") as ws:
+        ws.send("now")
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=5)
+        assert closed.value.rcvd.code == code
+        assert closed.value.rcvd.reason == "bye now"
+    seen = result(server, key)
+    assert seen["after"] is None and seen["closed"] is True and seen["connected"] is False
+    assert seen["send_after"] is False
+    assert seen["close_code"] == code  # the client echoed the code back
+
+
+def test_disconnect_closes_normally(server):
+    with ws_connect(server, "/disconnect/") as ws:
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=5)
+        assert closed.value.rcvd.code == 1000
+
+
+def test_client_vanishing_without_close_frame(server):
+    key = new_id()
+    with ws_connect(server, f"/echo/?id={key}") as ws:
+        ws.send("x")
+        assert ws.recv(timeout=5) == "x"
+        ws.socket.shutdown(socket.SHUT_RDWR)
+    seen = result(server, key)
+    assert seen["close_code"] == 1006 and seen["closed"] is True
+
+
+def test_subprotocol_negotiation(server):
+    with ws_connect(server, "/subprotocol/", subprotocols=["chat.v1", "chat.v2"]) as ws:
+        assert ws.subprotocol == "chat.v1"
+        assert ws.recv(timeout=5) == "subprotocol=chat.v1 protocol=chat.v1"
+    with ws_connect(server, "/subprotocol/", subprotocols=["other", "chat.v2"]) as ws:
+        assert ws.subprotocol == "chat.v2"
+        assert ws.recv(timeout=5) == "subprotocol=chat.v2 protocol=chat.v2"
+    with ws_connect(server, "/subprotocol/") as ws:
+        assert ws.subprotocol is None
+        assert ws.recv(timeout=5) == "subprotocol=None protocol=None"
+
+
+# -- views that fail, refuse or do nothing -------------------------------------
+
+
+def test_view_that_raises_closes_with_1011_and_logs_once(server):
+    server.watch.allow("this view fails on purpose")
+    with ws_connect(server, "/raises/") as ws:
+        assert ws.recv(timeout=5) == "about to fail"
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=5)
+        assert closed.value.rcvd.code == 1011
+    time.sleep(0.2)
+    log = server.watch.text()
+    assert log.count("Traceback") == 1
+    assert "error in WebSocket view" in log
+    with ws_connect(server, "/echo/") as ws:  # the process keeps serving
+        ws.send("alive")
+        assert ws.recv(timeout=5) == "alive"
+
+
+def test_view_that_returns_a_response_refuses_the_handshake(server):
+    with pytest.raises(InvalidStatus) as refused:
+        ws_connect(server, "/refuses/")
+    assert refused.value.response.status_code == 403
+
+
+def test_view_that_returns_without_touching_the_socket_closes_normally(server):
+    with ws_connect(server, "/noop/") as ws:
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=5)
+        assert closed.value.rcvd.code == 1000
+
+
+def test_login_required_redirects_an_anonymous_handshake(server):
+    received = raw_exchange(server, handshake_bytes("/whoami/"))
+    assert received.startswith(b"HTTP/1.1 302")
+    assert b"Location: /accounts/login/?next=/whoami/" in received
+
+
+# -- routing: decorated, undecorated, plain HTTP --------------------------------
+
+
+def test_accept_websocket_serves_http_and_websocket_on_one_url(server):
+    assert server.get("/page-or-socket/") == (200, "plain http")
+    with ws_connect(server, "/page-or-socket/") as ws:
+        ws.send("x")
+        assert ws.recv(timeout=5) == "ws:x"
+
+
+def test_undecorated_view_refuses_websocket_with_400(server):
+    assert server.get("/plain/") == (200, "plain view, is_websocket=False")
+    with pytest.raises(InvalidStatus) as refused:
+        ws_connect(server, "/plain/")
+    assert refused.value.response.status_code == 400
+    assert b"@accept_websocket" in refused.value.response.body
+
+
+# -- the wire: Origin, bad handshakes, nothing but frames after the view -------
+
+
+def raw_exchange(server, request: bytes, then: bytes = b"") -> bytes:
+    """Send raw bytes and return all the server sent: until it closed the
+    connection, or, for a refused handshake, until the end of the response."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(request)
+        received = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return received
+            received += chunk
+            head, found, body = received.partition(b"\r\n\r\n")
+            if not found:
+                continue
+            if not head.startswith(b"HTTP/1.1 101"):
+                length = re.search(rb"(?i)content-length: *(\d+)", head)
+                if length and len(body) >= int(length.group(1)):
+                    return received
+            elif then:
+                sock.sendall(then)
+                then = b""
+
+
+def handshake_bytes(path: str, extra: str = "", key: str = "dGhlIHNhbXBsZSBub25jZQ==") -> bytes:
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+        f"Sec-WebSocket-Version: 13\r\n{extra}\r\n"
+    ).encode()
+
+
+def test_only_websocket_frames_follow_the_handshake(server):
+    # A masked close frame with code 1000, as a client sends it.
+    mask = b"\x01\x02\x03\x04"
+    payload = bytes(b ^ mask[i % 4] for i, b in enumerate(b"\x03\xe8"))
+    close_frame = b"\x88\x82" + mask + payload
+    received = raw_exchange(server, handshake_bytes("/echo/"), then=close_frame)
+    head, _, rest = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101 Switching Protocols")
+    assert b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in head
+    assert rest == b"\x88\x02\x03\xe8"  # exactly one close frame, then the server closed
+
+
+def test_invalid_handshake_gets_400(server):
+    received = raw_exchange(server, handshake_bytes("/echo/").replace(b"Sec-WebSocket-Version: 13", b"Sec-WebSocket-Version: 8"))
+    assert received.startswith(b"HTTP/1.1 426")
+    received = raw_exchange(
+        server,
+        b"GET /echo/ HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n",
+    )
+    assert received.startswith(b"HTTP/1.1 400")
+    assert b"Sec-WebSocket-Key" in received
+
+
+@pytest.mark.parametrize(
+    ("origin", "allowed"),
+    [
+        ("http://127.0.0.1:{port}", True),
+        ("http://localhost:8000", True),
+        ("https://trusted.example", True),
+        ("https://evil.example", False),
+        ("null", False),
+    ],
+)
+def test_origin_is_checked(server, origin, allowed):
+    origin = origin.format(port=server.port)
+    if allowed:
+        with ws_connect(server, "/echo/", origin=origin) as ws:
+            ws.send("ok")
+            assert ws.recv(timeout=5) == "ok"
+    else:
+        with pytest.raises(InvalidStatus) as refused:
+            ws_connect(server, "/echo/", origin=origin)
+        assert refused.value.response.status_code == 403
+        assert b"WEBSOCKET_ALLOWED_ORIGINS" in refused.value.response.body
+
+
+def test_no_origin_header_is_allowed(server):
+    received = raw_exchange(server, handshake_bytes("/disconnect/"))
+    assert received.startswith(b"HTTP/1.1 101")
+
+
+# -- settings and keepalive, each on a server of its own -------------------------
+
+
+@pytest.mark.parametrize("kind", ["runserver", "gthread", "gevent"])
+def test_keepalive_closes_a_peer_that_stopped_answering(kind):
+    env = {"DWS_TEST_PING_INTERVAL": "0.3", "DWS_TEST_PING_TIMEOUT": "0.5"}
+    with start_server(kind, env=env) as running:
+        # A live client answers the pings and stays connected.
+        with ws_connect(running, "/echo/") as ws:
+            time.sleep(2)
+            ws.send("still here")
+            assert ws.recv(timeout=5) == "still here"
+        # A silent peer: a raw socket that completes the handshake and then never reads.
+        key = new_id()
+        with socket.create_connection(("127.0.0.1", running.port), timeout=10) as sock:
+            sock.sendall(handshake_bytes(f"/echo/?id={key}"))
+            assert sock.recv(4096).startswith(b"HTTP/1.1 101")
+            started = time.monotonic()
+            seen = result(running, key)
+            assert seen["close_code"] == 1006
+            assert time.monotonic() - started < 5
+        assert "Traceback" not in running.log_text()
+
+
+@pytest.mark.parametrize("kind", ["runserver", "gthread"])
+def test_accept_all_lets_undecorated_views_take_websockets(kind):
+    with start_server(kind, env={"DJANGO_SETTINGS_MODULE": "tests.project.settings_acceptall"}) as running:
+        with ws_connect(running, "/undecorated-echo/") as ws:
+            ws.send("x")
+            assert ws.recv(timeout=5) == "x"
+        assert running.get("/undecorated-echo/") == (200, "plain")
+
+
+@pytest.mark.parametrize("kind", ["runserver", "gevent"])
+def test_decorators_work_without_the_middleware(kind):
+    env = {"DJANGO_SETTINGS_MODULE": "tests.project.settings_nomiddleware"}
+    with start_server(kind, env=env) as running:
+        with ws_connect(running, "/seed/echo/") as ws:
+            ws.send("x")
+            assert ws.recv(timeout=5) == "You said: x"
+        assert running.get("/seed/echo/")[0] == 400
+        with pytest.raises(InvalidStatus):
+            ws_connect(running, "/health/")  # undecorated: Django answers 200, not 101
+        assert "Traceback" not in running.log_text()
+
+
+def test_gunicorn_sync_worker_is_refused_with_a_clear_error():
+    with start_server("gunicorn-sync") as running:
+        with pytest.raises(InvalidStatus) as refused:
+            ws_connect(running, "/echo/")
+        assert refused.value.response.status_code == 501
+        assert b"-k gthread" in refused.value.response.body
+        assert "sync worker cannot hold WebSocket connections" in running.log_text()

@@ -1,0 +1,269 @@
+"""In-process tests of the parts that need no server: checks, origins, the queue."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from django.core.checks import run_checks
+from django.test import RequestFactory, override_settings
+
+from dwebsocket.connection import CLOSED, Connection, check_close_code
+from dwebsocket.handshake import Handshake, HandshakeError, is_websocket_request, origin_allowed
+
+
+def dwebsocket_messages():
+    return sorted((m.id, m.msg) for m in run_checks() if m.id and m.id.startswith("dwebsocket."))
+
+
+# -- system checks ------------------------------------------------------------
+
+
+def test_default_settings_pass_the_checks():
+    assert dwebsocket_messages() == []
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("WEBSOCKET_MAX_MESSAGE_SIZE", -1),
+        ("WEBSOCKET_MAX_MESSAGE_SIZE", "1MB"),
+        ("WEBSOCKET_MAX_QUEUE", None),
+        ("WEBSOCKET_MAX_QUEUE", 1.5),
+        ("WEBSOCKET_PING_INTERVAL", 0),
+        ("WEBSOCKET_PING_TIMEOUT", "20"),
+        ("WEBSOCKET_CLOSE_TIMEOUT", None),
+    ],
+)
+def test_wrong_setting_values_are_reported(setting, value):
+    with override_settings(**{setting: value}):
+        messages = dwebsocket_messages()
+    assert len(messages) == 1
+    check_id, text = messages[0]
+    assert check_id == "dwebsocket.E001"
+    assert text.startswith(f"{setting} must be a positive")
+
+
+@pytest.mark.parametrize("setting", ["WEBSOCKET_MAX_MESSAGE_SIZE", "WEBSOCKET_PING_INTERVAL", "WEBSOCKET_PING_TIMEOUT"])
+def test_none_turns_a_limit_off(setting):
+    with override_settings(**{setting: None}):
+        assert dwebsocket_messages() == []
+
+
+def test_allowed_origins_must_be_a_list_of_strings():
+    with override_settings(WEBSOCKET_ALLOWED_ORIGINS="https://example.com"):
+        assert [m[0] for m in dwebsocket_messages()] == ["dwebsocket.E002"]
+
+
+def test_missing_middleware_is_a_warning():
+    from django.conf import settings
+
+    middleware = [m for m in settings.MIDDLEWARE if "dwebsocket" not in m]
+    with override_settings(MIDDLEWARE=middleware):
+        assert [m[0] for m in dwebsocket_messages()] == ["dwebsocket.W001"]
+
+
+# -- origins ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("origin", "allowed"),
+    [
+        ("http://127.0.0.1:8000", True),  # ALLOWED_HOSTS, any port and scheme
+        ("https://localhost", True),
+        ("https://trusted.example", True),  # CSRF_TRUSTED_ORIGINS
+        ("http://trusted.example", False),  # ... scheme included
+        ("https://evil.example", False),
+        ("https://127.0.0.1.evil.example", False),
+        ("null", False),
+        ("file://", False),
+    ],
+)
+def test_default_origin_rules_follow_allowed_hosts_and_csrf_trusted_origins(origin, allowed):
+    assert origin_allowed(origin) is allowed
+
+
+@override_settings(ALLOWED_HOSTS=[], DEBUG=True)
+def test_debug_with_empty_allowed_hosts_allows_localhost_like_django():
+    assert origin_allowed("http://localhost:3000")
+    assert origin_allowed("http://127.0.0.1:8000")
+    assert not origin_allowed("http://example.com")
+
+
+@override_settings(WEBSOCKET_ALLOWED_ORIGINS=["https://*.example.com", "app.example.org"])
+def test_explicit_origins_replace_the_default_rules():
+    assert origin_allowed("https://chat.example.com")
+    assert origin_allowed("https://example.com")
+    assert not origin_allowed("http://chat.example.com")
+    assert origin_allowed("http://app.example.org:8080")
+    assert not origin_allowed("http://127.0.0.1:8000")  # ALLOWED_HOSTS no longer counts
+
+
+@override_settings(WEBSOCKET_ALLOWED_ORIGINS=["*"])
+def test_star_allows_every_origin():
+    assert origin_allowed("https://anything.example")
+    assert origin_allowed("null")
+
+
+# -- the handshake ------------------------------------------------------------
+
+
+def handshake_request(**headers):
+    defaults = {
+        "HTTP_HOST": "127.0.0.1",
+        "HTTP_UPGRADE": "websocket",
+        "HTTP_CONNECTION": "Upgrade",
+        "HTTP_SEC_WEBSOCKET_KEY": "dGhlIHNhbXBsZSBub25jZQ==",
+        "HTTP_SEC_WEBSOCKET_VERSION": "13",
+    }
+    defaults.update(headers)
+    return RequestFactory().get("/chat/?room=1", **{k: v for k, v in defaults.items() if v is not None})
+
+
+def test_is_websocket_request():
+    assert is_websocket_request(handshake_request())
+    assert is_websocket_request(handshake_request(HTTP_UPGRADE="WebSocket"))
+    assert not is_websocket_request(RequestFactory().get("/"))
+    assert not is_websocket_request(RequestFactory().post("/", HTTP_UPGRADE="websocket"))
+
+
+def test_handshake_accepts_and_negotiates():
+    handshake = Handshake(handshake_request(
+        HTTP_SEC_WEBSOCKET_PROTOCOL="b, a",
+        HTTP_SEC_WEBSOCKET_EXTENSIONS="permessage-deflate; client_max_window_bits",
+    ))
+    assert handshake.offered_subprotocols == ["b", "a"]
+    assert handshake.select_subprotocol(["a", "b"]) == "b"  # the client's preference
+    assert handshake.select_subprotocol(["c"]) is None
+    answer = handshake.accept("b", compression=True)
+    assert answer.startswith(b"HTTP/1.1 101 ")
+    assert b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in answer
+    assert b"Sec-WebSocket-Protocol: b" in answer
+    assert b"permessage-deflate" in answer
+    assert b"permessage-deflate" not in Handshake(handshake_request(
+        HTTP_SEC_WEBSOCKET_EXTENSIONS="permessage-deflate")).accept(None, compression=False)
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "text"),
+    [
+        ({"HTTP_SEC_WEBSOCKET_KEY": None}, 400, "Sec-WebSocket-Key"),
+        ({"HTTP_SEC_WEBSOCKET_VERSION": "8"}, 426, "Sec-WebSocket-Version"),
+        ({"HTTP_CONNECTION": "keep-alive"}, 400, "Connection: Upgrade"),
+        ({"HTTP_ORIGIN": "https://evil.example"}, 403, "WEBSOCKET_ALLOWED_ORIGINS"),
+    ],
+)
+def test_bad_handshakes_are_refused_with_a_reason(headers, status, text):
+    with pytest.raises(HandshakeError) as refused:
+        Handshake(handshake_request(**headers))
+    response = refused.value.response()
+    assert response.status_code == status
+    assert text in response.content.decode()
+
+
+# -- the connection's queue and close codes -----------------------------------------
+
+
+class RecordingTransport:
+    def __init__(self):
+        self.sent = []
+        self.closes = []
+
+    def send(self, message):
+        self.sent.append(message)
+        return True
+
+    def close(self, code, reason):
+        self.closes.append((code, reason))
+
+
+def open_connection(max_queue=64):
+    connection = Connection(max_queue=max_queue)
+    transport = RecordingTransport()
+    connection._opened(transport)
+    return connection, transport
+
+
+def test_queue_order_and_counts():
+    connection, _ = open_connection()
+    assert connection.read() is None and not connection.has_messages()
+    connection._deliver("a")
+    connection._deliver(b"b")
+    assert connection.count_messages() == 2 and connection.has_messages()
+    assert connection.wait() == "a"
+    assert connection.read() == b"b"
+    assert connection.count_messages() == 0
+
+
+def test_messages_received_before_the_close_are_still_read():
+    connection, _ = open_connection()
+    connection._deliver("last words")
+    connection._closed(1000, "bye")
+    assert not connection.connected and connection.closed and connection.is_closed()
+    assert list(connection) == ["last words"]
+    assert connection.wait() is None
+    assert (connection.close_code, connection.close_reason) == (1000, "bye")
+
+
+def test_wait_timeout_returns_none_while_connected():
+    connection, _ = open_connection()
+    started = time.monotonic()
+    assert connection.wait(timeout=0.1) is None
+    assert time.monotonic() - started >= 0.1
+    assert connection.connected
+
+
+def test_full_queue_blocks_the_producer_until_the_view_reads():
+    connection, _ = open_connection(max_queue=2)
+    connection._deliver("1")
+    connection._deliver("2")
+    producer = threading.Thread(target=connection._deliver, args=("3",))
+    producer.start()
+    producer.join(0.2)
+    assert producer.is_alive()  # backpressure
+    assert connection.wait() == "1"
+    producer.join(2)
+    assert not producer.is_alive()
+    assert [connection.read(), connection.read()] == ["2", "3"]
+
+
+def test_close_releases_a_blocked_producer_and_is_idempotent():
+    connection, transport = open_connection(max_queue=1)
+    connection._deliver("1")
+    producer = threading.Thread(target=connection._deliver, args=("dropped",))
+    producer.start()
+    connection.close(4000, "done")
+    connection.close(4001, "ignored")
+    producer.join(2)
+    assert not producer.is_alive()
+    assert transport.closes == [(4000, "done")]
+    assert connection.send("late") is False and transport.sent == []
+    assert connection.read() == "1" and connection.read() is None
+
+
+def test_send_types():
+    connection, transport = open_connection()
+    assert connection.send("text") and connection.send(b"bin") and connection.send(bytearray(b"ba"))
+    assert transport.sent == ["text", b"bin", b"ba"]
+    with pytest.raises(TypeError, match="json.dumps"):
+        connection.send({"not": "serialized"})
+
+
+@pytest.mark.parametrize("code", [999, 1004, 1005, 1006, 1015, 2000, 5000])
+def test_close_codes_a_server_may_not_send_are_refused(code):
+    with pytest.raises(ValueError, match="close code"):
+        check_close_code(code, "")
+
+
+def test_close_reason_must_fit_in_a_frame():
+    check_close_code(1000, "x" * 123)
+    with pytest.raises(ValueError, match="123 bytes"):
+        check_close_code(1000, "é" * 62)
+
+
+def test_closed_connection_state():
+    connection, _ = open_connection()
+    connection._closed(1006)
+    assert connection.wait() is None and connection.read() is None
+    assert connection._state == CLOSED and connection.close_code == 1006

@@ -15,6 +15,22 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.project.settings")
 django.setup()
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "servers(*kinds): run the test only on these servers")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Drop the instances of a @pytest.mark.servers test that are for other servers."""
+    kept, dropped = [], []
+    for item in items:
+        marker = item.get_closest_marker("servers")
+        kind = getattr(getattr(item, "callspec", None), "params", {}).get("running_server")
+        (dropped if marker and kind and kind not in marker.args else kept).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
 @pytest.fixture(scope="session", params=list(SERVERS))
 def running_server(request: pytest.FixtureRequest) -> Iterator[RunningServer]:
     with start_server(request.param) as server:

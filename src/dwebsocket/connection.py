@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol, Union
 
 #: What a WebSocket message is: ``str`` for a text frame, ``bytes`` for a binary one.
@@ -27,7 +27,10 @@ class Transport(Protocol):
     """What a connection needs from the layer that moves its bytes."""
 
     def send(self, message: Message) -> bool:
-        """Send one message; ``False`` if the connection is no longer open."""
+        """Send one message from a thread; ``False`` if the connection is no longer open."""
+
+    async def asend(self, message: Message) -> bool:
+        """Send one message from a coroutine."""
 
     def close(self, code: int, reason: str) -> None:
         """Start the closing handshake."""
@@ -44,12 +47,26 @@ def check_close_code(code: int, reason: str) -> None:
         raise ValueError("A close reason must fit in 123 bytes of UTF-8.")
 
 
+def check_message(message: object) -> Message:
+    """Return *message* as ``str`` or ``bytes``, or raise ``TypeError`` naming the fix."""
+    if isinstance(message, (str, bytes)):
+        return message
+    if isinstance(message, (bytearray, memoryview)):
+        return bytes(message)
+    raise TypeError(
+        f"send() takes str (a text frame) or bytes (a binary frame), not "
+        f"{type(message).__name__}; for JSON, send json.dumps(data)."
+    )
+
+
 class Connection:
     """One WebSocket connection: an inbound queue and a thread-safe ``send()``.
 
     Concurrency: ``_cond`` (one lock) owns ``_messages``, ``_state``,
-    ``_close_code`` and ``_close_reason``. The transport's reader is the only
-    producer of messages; any thread may consume them or send.
+    ``_close_code``, ``_close_reason`` and ``_listeners``. The transport's
+    reader is the only producer of messages; any thread may consume them or
+    send. Listeners (how coroutines wait, see :meth:`_listen`) are called with
+    the lock held and must only schedule work, never block.
     """
 
     def __init__(self, *, max_queue: int = 64) -> None:
@@ -60,6 +77,7 @@ class Connection:
         self._close_code: int | None = None
         self._close_reason = ""
         self._transport: Transport | None = None
+        self._listeners: set[Callable[[], None]] = set()
 
     # -- for subclasses and transports --------------------------------------
 
@@ -72,6 +90,23 @@ class Connection:
             if self._state == CONNECTING:
                 self._state = OPEN
 
+    def _changed(self) -> None:
+        """Wake every waiter, threads and coroutines; call with ``_cond`` held."""
+        self._cond.notify_all()
+        for listener in self._listeners:
+            listener()
+
+    def _listen(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call *listener* on every change of the queue or state; returns the undo."""
+        with self._cond:
+            self._listeners.add(listener)
+
+        def remove() -> None:
+            with self._cond:
+                self._listeners.discard(listener)
+
+        return remove
+
     def _deliver(self, message: Message) -> None:
         """Queue a received message; blocks while the queue is full (backpressure)."""
         with self._cond:
@@ -79,7 +114,25 @@ class Connection:
                 self._cond.wait()
             if self._state == OPEN:  # after close() new messages are dropped
                 self._messages.append(message)
-                self._cond.notify_all()
+                self._changed()
+
+    def _deliver_nowait(self, message: Message) -> bool:
+        """Queue a received message unless the queue is full; ``False`` means wait and retry."""
+        with self._cond:
+            if len(self._messages) >= self._max_queue and self._state == OPEN:
+                return False
+            if self._state == OPEN:
+                self._messages.append(message)
+                self._changed()
+            return True
+
+    def _pop(self) -> Message | None:
+        """The next message, or ``None``; call with ``_cond`` held."""
+        if not self._messages:
+            return None
+        message = self._messages.popleft()
+        self._changed()  # a producer may be waiting for room
+        return message
 
     def _closed(self, code: int, reason: str = "") -> None:
         """Record that the connection is closed; wakes every waiter."""
@@ -88,7 +141,16 @@ class Connection:
                 self._state = CLOSED
                 self._close_code = code
                 self._close_reason = reason
-            self._cond.notify_all()
+            self._changed()
+
+    def _begin_close(self) -> Transport | None:
+        """Move to CLOSING; the transport to send the close frame on, if still open."""
+        with self._cond:
+            if self._state != OPEN:
+                return None
+            self._state = CLOSING
+            self._changed()  # a reader blocked on a full queue stops waiting
+            return self._transport
 
     # -- the public API -------------------------------------------------------
 
@@ -110,19 +172,13 @@ class Connection:
                 if remaining is not None and remaining <= 0:
                     return None
                 self._cond.wait(remaining)
-            message = self._messages.popleft()
-            self._cond.notify_all()
-            return message
+            return self._pop()
 
     def read(self) -> Message | None:
         """Return the next received message at once, or ``None`` if there is none."""
         self._start()
         with self._cond:
-            if not self._messages:
-                return None
-            message = self._messages.popleft()
-            self._cond.notify_all()
-            return message
+            return self._pop()
 
     def count_messages(self) -> int:
         """The number of received messages waiting to be read."""
@@ -141,17 +197,14 @@ class Connection:
         client. Returns ``False``, and sends nothing, if the connection is not
         open (any more).
         """
-        if isinstance(message, (bytearray, memoryview)):
-            message = bytes(message)
-        elif not isinstance(message, (str, bytes)):
-            raise TypeError(
-                f"send() takes str (a text frame) or bytes (a binary frame), not "
-                f"{type(message).__name__}; for JSON, send json.dumps(data)."
-            )
+        message = check_message(message)
         self._start()
-        with self._cond:
-            transport = self._transport if self._state == OPEN else None
+        transport = self._open_transport()
         return transport is not None and transport.send(message)
+
+    def _open_transport(self) -> Transport | None:
+        with self._cond:
+            return self._transport if self._state == OPEN else None
 
     def close(self, code: int = 1000, reason: str = "") -> None:
         """Start the closing handshake with *code* and *reason*; idempotent.
@@ -161,14 +214,9 @@ class Connection:
         """
         check_close_code(code, reason)
         self._start()
-        with self._cond:
-            if self._state != OPEN:
-                return
-            self._state = CLOSING
-            transport = self._transport
-            self._cond.notify_all()  # a reader blocked on a full queue stops waiting
-        assert transport is not None
-        transport.close(code, reason)
+        transport = self._begin_close()
+        if transport is not None:
+            transport.close(code, reason)
 
     def disconnect(self) -> None:
         """Close the connection normally (code 1000); idempotent."""

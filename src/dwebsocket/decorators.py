@@ -7,11 +7,12 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar, overload
 
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import HttpRequest, HttpResponseBadRequest
 from django.http.response import HttpResponseBase
 
 from .connection import CONNECTING
-from .websocket import attach
+from .websocket import AsyncWebSocket, WebSocket, attach
 
 logger = logging.getLogger("dwebsocket")
 
@@ -23,6 +24,27 @@ _NOT_WEBSOCKET = (
 )
 
 
+def _name(view: Callable[..., Any]) -> str:
+    return getattr(view, "__qualname__", None) or repr(view)
+
+
+def _view_failed(websocket: WebSocket, view: Callable[..., Any]) -> bool:
+    """After the view raised: True to re-raise (nothing sent yet), else log it."""
+    if websocket._state == CONNECTING:
+        websocket._refuse()
+        return True  # Django answers the handshake with its usual 500 page
+    logger.exception("dwebsocket: error in WebSocket view %s", _name(view))
+    return False
+
+
+def _refusal(websocket: WebSocket, response: Any) -> HttpResponseBase | None:
+    """A response the view returned before touching the connection refuses the handshake."""
+    if isinstance(response, HttpResponseBase) and websocket._state == CONNECTING:
+        websocket._refuse()
+        return response
+    return None
+
+
 def run_websocket_view(
     view: Callable[..., Any],
     request: HttpRequest,
@@ -30,13 +52,12 @@ def run_websocket_view(
     kwargs: dict[str, Any],
     subprotocols: Iterable[str] | None = None,
 ) -> HttpResponseBase:
-    """Run *view* for a WebSocket handshake and return what the server gets back.
+    """Run a sync *view* for a WebSocket handshake; the response for the server.
 
     The handshake is checked first (a bad one or a foreign origin is refused
-    with 400/403 before the view runs). If the view returns a response without
-    having used ``request.websocket``, that response refuses the handshake.
-    Otherwise the connection is closed when the view returns, with 1011 if it
-    raised.
+    before the view runs). If the view returns a response without having used
+    ``request.websocket``, that response refuses the handshake. Otherwise the
+    connection is closed when the view returns, with 1011 if it raised.
     """
     websocket = attach(request)
     assert websocket is not None
@@ -46,35 +67,69 @@ def run_websocket_view(
     try:
         response = view(request, *args, **kwargs)
     except Exception:
-        if websocket._state == CONNECTING:
-            websocket._refuse()
-            raise  # nothing was sent yet: Django answers with its usual 500 page
-        logger.exception("dwebsocket: error in WebSocket view %s", _name(view))
-        if websocket.connected:
-            websocket.close(1011, "internal error")
+        if _view_failed(websocket, view):
+            raise
+        websocket.close(1011, "internal error")
     else:
-        if isinstance(response, HttpResponseBase) and websocket._state == CONNECTING:
-            websocket._refuse()
-            return response
+        refused = _refusal(websocket, response)
+        if refused is not None:
+            return refused
     return websocket._finish()
 
 
-def _name(view: Callable[..., Any]) -> str:
-    return getattr(view, "__qualname__", None) or repr(view)
+async def arun_websocket_view(
+    view: Callable[..., Any],
+    request: HttpRequest,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    subprotocols: Iterable[str] | None = None,
+) -> HttpResponseBase:
+    """:func:`run_websocket_view` for an ``async def`` view."""
+    websocket = attach(request)
+    assert websocket is not None
+    refusal = websocket._prepare(subprotocols)
+    if refusal is not None:
+        return refusal
+    connection = AsyncWebSocket(websocket)
+    request.websocket = connection  # type: ignore[attr-defined]
+    try:
+        response = await view(request, *args, **kwargs)
+    except Exception:
+        if _view_failed(websocket, view):
+            raise
+        await connection.close(1011, "internal error")
+    else:
+        refused = _refusal(websocket, response)
+        if refused is not None:
+            return refused
+    return await websocket._afinish()
 
 
 def _websocket_view(view: View, *, required: bool, subprotocols: Iterable[str] | None) -> View:
-    @functools.wraps(view)
-    def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
-        if attach(request) is None:
-            if required:
-                return HttpResponseBadRequest(_NOT_WEBSOCKET, content_type="text/plain")
-            return view(request, *args, **kwargs)  # type: ignore[no-any-return]
-        return run_websocket_view(view, request, args, kwargs, subprotocols)
+    if iscoroutinefunction(view):
 
-    wrapper.accept_websocket = True  # type: ignore[attr-defined]
-    wrapper.require_websocket = required  # type: ignore[attr-defined]
-    return wrapper  # type: ignore[return-value]
+        async def async_wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+            if attach(request) is None:
+                if required:
+                    return HttpResponseBadRequest(_NOT_WEBSOCKET, content_type="text/plain")
+                return await view(request, *args, **kwargs)  # type: ignore[no-any-return]
+            return await arun_websocket_view(view, request, args, kwargs, subprotocols)
+
+        wrapper: Any = functools.wraps(view)(async_wrapper)
+        markcoroutinefunction(wrapper)
+    else:
+
+        def sync_wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+            if attach(request) is None:
+                if required:
+                    return HttpResponseBadRequest(_NOT_WEBSOCKET, content_type="text/plain")
+                return view(request, *args, **kwargs)  # type: ignore[no-any-return]
+            return run_websocket_view(view, request, args, kwargs, subprotocols)
+
+        wrapper = functools.wraps(view)(sync_wrapper)
+    wrapper.accept_websocket = True
+    wrapper.require_websocket = required
+    return wrapper  # type: ignore[no-any-return]
 
 
 @overload
@@ -87,7 +142,8 @@ def require_websocket(
     """Make *view* a WebSocket endpoint; any other request gets 400 Bad Request.
 
     Use it bare (``@require_websocket``) or with the subprotocols the view
-    speaks, in order of preference (``@require_websocket(subprotocols=["chat"])``).
+    speaks (``@require_websocket(subprotocols=["chat.v1"])``). Works on sync
+    and ``async def`` views.
     """
     if view is None:
         return lambda v: _websocket_view(v, required=True, subprotocols=subprotocols)

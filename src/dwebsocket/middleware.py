@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from django.http import HttpRequest, HttpResponseBadRequest
+from asgiref.sync import async_to_sync, iscoroutinefunction, markcoroutinefunction
+from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
 from django.http.response import HttpResponseBase
 
 from . import conf
-from .decorators import run_websocket_view
+from .decorators import arun_websocket_view, run_websocket_view
+from .servers.wsgi import gevent_patched
 from .websocket import attach
 
 _NOT_ACCEPTED = (
     "This URL does not accept WebSocket connections. Decorate its view with "
     "@accept_websocket or @require_websocket, or set WEBSOCKET_ACCEPT_ALL = True.\n"
+)
+_ASYNC_UNDER_GEVENT = (
+    "Async WebSocket views cannot run under gunicorn's gevent worker: gevent runs "
+    "every connection in one thread, and asyncio allows one event loop per thread. "
+    "Write this view as a plain def, or serve it with -k gthread or an ASGI server.\n"
+)
+_ASYNC_NOT_DECORATED = (
+    "WEBSOCKET_ACCEPT_ALL covers sync views only under ASGI: decorate this async "
+    "view with @accept_websocket or @require_websocket.\n"
 )
 
 
@@ -24,14 +35,28 @@ class WebSocketMiddleware:
     A WebSocket handshake to a view that is not decorated gets 400, unless
     ``WEBSOCKET_ACCEPT_ALL`` is on, in which case every view accepts it.
     Place it right after ``django.middleware.common.CommonMiddleware``.
+    Works in sync (WSGI) and async (ASGI) middleware stacks.
     """
 
-    def __init__(self, get_response: Callable[[HttpRequest], HttpResponseBase]) -> None:
-        self.get_response = get_response
+    sync_capable = True
+    async_capable = True
 
-    def __call__(self, request: HttpRequest) -> HttpResponseBase:
+    def __init__(self, get_response: Callable[[HttpRequest], Any]) -> None:
+        self.get_response = get_response
+        self._async = iscoroutinefunction(get_response)
+        if self._async:
+            markcoroutinefunction(self)
+
+    def __call__(self, request: HttpRequest) -> Any:
+        if self._async:
+            return self.__acall__(request)
         attach(request)
         return self.get_response(request)
+
+    async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
+        attach(request)
+        response: Awaitable[HttpResponseBase] = self.get_response(request)
+        return await response
 
     def process_view(
         self,
@@ -40,8 +65,16 @@ class WebSocketMiddleware:
         view_args: tuple[Any, ...],
         view_kwargs: dict[str, Any],
     ) -> HttpResponseBase | None:
-        if request.websocket is None or getattr(view_func, "accept_websocket", False):  # type: ignore[attr-defined]
-            return None  # plain HTTP, or a decorated view that handles the handshake itself
-        if conf.get("WEBSOCKET_ACCEPT_ALL"):
+        if request.websocket is None:
+            return None
+        if iscoroutinefunction(view_func) and not self._async and gevent_patched():
+            return HttpResponse(_ASYNC_UNDER_GEVENT, status=501, content_type="text/plain")
+        if getattr(view_func, "accept_websocket", False):
+            return None  # a decorated view handles the handshake itself
+        if not conf.get("WEBSOCKET_ACCEPT_ALL"):
+            return HttpResponseBadRequest(_NOT_ACCEPTED, content_type="text/plain")
+        if not iscoroutinefunction(view_func):
             return run_websocket_view(view_func, request, view_args, view_kwargs)
-        return HttpResponseBadRequest(_NOT_ACCEPTED, content_type="text/plain")
+        if self._async:
+            return HttpResponseBadRequest(_ASYNC_NOT_DECORATED, content_type="text/plain")
+        return async_to_sync(arun_websocket_view)(view_func, request, view_args, view_kwargs)

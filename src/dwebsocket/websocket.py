@@ -1,49 +1,73 @@
-"""``request.websocket``: the connection object a Django view talks through."""
+"""``request.websocket``: the connection object a Django view talks through.
+
+:class:`WebSocket` serves sync views, :class:`AsyncWebSocket` async ones; both
+have the same members. Neither knows which server carries the connection: an
+*opener* from ``dwebsocket.servers`` answers the handshake and provides the
+transport.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import AsyncIterator, Iterable
+from typing import Protocol
 
 from django.http import HttpRequest, HttpResponse
+from django.http.response import HttpResponseBase
 
 from .conf import Limits
-from .connection import CONNECTING, Connection
-from .handshake import Handshake, HandshakeError, is_websocket_request
-from .servers.socket import SocketTransport
-from .servers.wsgi import ReleasedResponse, SocketLoan, borrow_socket, prepare_socket
+from .connection import CLOSED, CONNECTING, OPEN, Connection, Message, Transport, check_close_code, check_message
+from .handshake import HandshakeError, is_websocket_request
 
 logger = logging.getLogger("dwebsocket")
 
 
+class Opener(Protocol):
+    """How one kind of server answers a handshake and carries a connection."""
+
+    offered_subprotocols: list[str]
+
+    def prepare(self, request: HttpRequest) -> None:
+        """Check the handshake before the view runs; raise HandshakeError to refuse it."""
+
+    def open(self, connection: Connection, subprotocol: str | None) -> Transport | None:
+        """Answer the handshake from a thread; the transport, or None if the client is gone."""
+
+    async def aopen(self, connection: Connection, subprotocol: str | None) -> Transport | None:
+        """Answer the handshake from a coroutine."""
+
+    def finish(self, transport: Transport | None) -> HttpResponseBase:
+        """Close after the view returned, from a thread; the response for the server."""
+
+    async def afinish(self, transport: Transport | None) -> HttpResponseBase:
+        """Close after the view returned, from a coroutine."""
+
+
 class WebSocket(Connection):
-    """The WebSocket of one request, as ``request.websocket``.
+    """The WebSocket of one request, as ``request.websocket`` in a sync view.
 
     The handshake is answered when the view first uses the connection (any
     method or :attr:`connected`), so a view may still refuse the client by
     returning an ordinary response (a 403, a login redirect) before touching
-    it.
-
-    Every member is documented on :class:`dwebsocket.connection.Connection`:
-    ``wait()``, ``read()``, ``send()``, ``count_messages()``,
-    ``has_messages()``, ``close()``, ``disconnect()``, ``connected``,
-    ``closed``, ``close_code``, ``close_reason`` and iteration.
+    it. Every member is documented on :class:`dwebsocket.connection.Connection`.
     """
 
-    def __init__(self, request: HttpRequest) -> None:
+    def __init__(self, request: HttpRequest, opener: Opener) -> None:
         self._limits = Limits.from_settings()
         super().__init__(max_queue=self._limits.max_queue)
         self._request = request
-        self._handshake: Handshake | None = None
-        self._loan: SocketLoan | None = None
+        self._opener = opener
+        self._prepared = False
         self._supported_subprotocols: list[str] = []
         self._subprotocol: str | None = None
-        # Guarded by _accept_lock: answering the handshake happens once.
+        # Guarded by _accept_lock: the handshake is answered once, by whichever
+        # thread or coroutine uses the connection first.
         self._accept_lock = threading.Lock()
         self._accepted = False
-        self._finished_response: HttpResponse | None = None
-        self._transport_finish: Callable[[], None] | None = None
+        self._finished_response: HttpResponseBase | None = None
 
     @property
     def subprotocol(self) -> str | None:
@@ -57,77 +81,224 @@ class WebSocket(Connection):
         return self.subprotocol
 
     def __repr__(self) -> str:
-        return f"<WebSocket {self._request.path} {self._state}>"
+        return f"<{type(self).__name__} {self._request.path} {self._state}>"
 
-    # -- the handshake, driven by the decorators and the middleware ----------
+    # -- driven by the decorators and the middleware ----------------------------
 
     def _prepare(self, subprotocols: Iterable[str] | None) -> HttpResponse | None:
-        """Validate the handshake before the view runs; a response refuses it."""
-        if self._handshake is not None:
+        """Check the handshake before the view runs; a response refuses it."""
+        if self._prepared:
             return None
+        self._prepared = True
         try:
-            handshake = Handshake(self._request)
-            self._loan = borrow_socket(self._request.META)
+            self._opener.prepare(self._request)
         except HandshakeError as exc:
             if exc.status >= 500:
                 logger.error("dwebsocket: %s", exc.message)
-            self._closed(1006)
+            self._refuse()
             return exc.response()
-        self._handshake = handshake
         self._supported_subprotocols = list(subprotocols or ())
         return None
+
+    def _select_subprotocol(self) -> str | None:
+        for offered in self._opener.offered_subprotocols:
+            if offered in self._supported_subprotocols:
+                return offered
+        return None
+
+    def _claim(self) -> bool:
+        """Whether the caller (holding _accept_lock) is the one to answer the handshake."""
+        if self._accepted or not self._prepared or self._state != CONNECTING:
+            return False
+        self._accepted = True
+        self._subprotocol = self._select_subprotocol()
+        return True
 
     def _start(self) -> None:
         if self._state != CONNECTING:
             return
         with self._accept_lock:
-            if self._accepted or self._handshake is None:
+            if not self._claim():
                 return
-            self._accepted = True
-            handshake = self._handshake
-            self._subprotocol = handshake.select_subprotocol(self._supported_subprotocols)
-            assert self._loan is not None
-            sock = self._loan.sock
-            try:
-                prepare_socket(sock)
-                sock.sendall(
-                    handshake.accept(self._subprotocol, compression=self._limits.compression)
-                )
-            except OSError:
+            if self._opener.open(self, self._subprotocol) is None:
                 self._closed(1006)
+
+    async def _astart(self) -> None:
+        if self._state != CONNECTING:
+            return
+        # Never block the event loop on the lock: a thread holding it may be
+        # waiting for this very loop to send the handshake answer.
+        while not self._accept_lock.acquire(blocking=False):
+            await asyncio.sleep(0.001)
+        try:
+            if not self._claim():
                 return
-            transport = SocketTransport(sock, handshake.connection, self, self._limits)
-            self._transport_finish = transport.finish
-            self._opened(transport)
-            transport.start()
+            if await self._opener.aopen(self, self._subprotocol) is None:
+                self._closed(1006)
+        finally:
+            self._accept_lock.release()
 
     def _refuse(self) -> None:
-        """The view answered the handshake with a plain HTTP response: never accept it."""
+        """The handshake is answered with plain HTTP: never accept it afterwards."""
         with self._accept_lock:
             self._accepted = True
         self._closed(1006)
 
-    def _finish(self) -> HttpResponse:
+    @property
+    def _opened_by_view(self) -> bool:
+        return self._accepted and self._transport is not None
+
+    def _finish(self) -> HttpResponseBase:
         """End the connection after the view returned; the response for the server.
 
-        A view that returned without touching the connection still answers
-        the handshake, so the client sees a normal close rather than an error.
+        A view that returned without touching the connection still answers the
+        handshake, so the client sees a normal close rather than an error.
         """
         if self._finished_response is None:
             self._start()
-            if self._transport_finish is not None:
-                self._transport_finish()
-            self._closed(1006)  # no-op unless the connection never opened
-            release = self._loan.release if self._loan is not None else (lambda: None)
-            self._finished_response = ReleasedResponse(release)
+            self._finished_response = self._opener.finish(self._open_transport_any())
+            self._closed(1006)  # no-op unless the transport never reported the close
         return self._finished_response
+
+    async def _afinish(self) -> HttpResponseBase:
+        if self._finished_response is None:
+            await self._astart()
+            self._finished_response = await self._opener.afinish(self._open_transport_any())
+            self._closed(1006)
+        return self._finished_response
+
+    def _open_transport_any(self) -> Transport | None:
+        with self._cond:
+            return self._transport
+
+
+class AsyncWebSocket:
+    """The WebSocket of one request, as ``request.websocket`` in an ``async def`` view.
+
+    The same members as :class:`WebSocket`; those that wait are coroutines::
+
+        async for message in request.websocket:
+            await request.websocket.send(message)
+
+    The handshake is answered at the first ``await`` on the connection. Until
+    then :attr:`connected` is ``True``: the connection is not closed yet.
+    """
+
+    def __init__(self, websocket: WebSocket) -> None:
+        self._ws = websocket
+
+    def __repr__(self) -> str:
+        return f"<AsyncWebSocket {self._ws._request.path} {self._ws._state}>"
+
+    async def wait(self, timeout: float | None = None) -> Message | None:
+        """The next message (``str`` or ``bytes``); ``None`` once closed or after *timeout*."""
+        ws = self._ws
+        await ws._astart()
+        loop = asyncio.get_running_loop()
+        changed = asyncio.Event()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        remove = ws._listen(lambda: loop.call_soon_threadsafe(changed.set))
+        try:
+            while True:
+                with ws._cond:
+                    changed.clear()
+                    message = ws._pop()
+                    if message is not None:
+                        return message
+                    if ws._state in (CLOSED, CONNECTING):
+                        return None
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return None
+                try:
+                    await asyncio.wait_for(changed.wait(), remaining)
+                except asyncio.TimeoutError:
+                    return None
+        finally:
+            remove()
+
+    async def read(self) -> Message | None:
+        """The next received message at once, or ``None`` if there is none."""
+        await self._ws._astart()
+        with self._ws._cond:
+            return self._ws._pop()
+
+    async def send(self, message: Message) -> bool:
+        """Send ``str`` as a text frame, ``bytes`` as a binary one; ``False`` if closed."""
+        message = check_message(message)
+        await self._ws._astart()
+        transport = self._ws._open_transport()
+        return transport is not None and await transport.asend(message)
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """Start the closing handshake; idempotent."""
+        check_close_code(code, reason)
+        await self._ws._astart()
+        transport = self._ws._begin_close()
+        if transport is not None:
+            await transport.aclose(code, reason)
+
+    async def disconnect(self) -> None:
+        """Close normally (1000); idempotent."""
+        await self.close()
+
+    def count_messages(self) -> int:
+        """The number of received messages waiting to be read."""
+        with self._ws._cond:
+            return len(self._ws._messages)
+
+    def has_messages(self) -> bool:
+        """Whether a received message is waiting to be read."""
+        return self.count_messages() > 0
+
+    @property
+    def connected(self) -> bool:
+        """``True`` until a close frame is sent or received."""
+        return self._ws._state in (CONNECTING, OPEN)
+
+    @property
+    def closed(self) -> bool:
+        return self._ws.closed
+
+    def is_closed(self) -> bool:
+        return self._ws.closed
+
+    @property
+    def close_code(self) -> int | None:
+        return self._ws.close_code
+
+    @property
+    def close_reason(self) -> str:
+        return self._ws.close_reason
+
+    @property
+    def subprotocol(self) -> str | None:
+        """The negotiated subprotocol (known once the handshake is answered)."""
+        return self._ws._subprotocol
+
+    @property
+    def protocol(self) -> str | None:
+        return self._ws._subprotocol
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Message]:
+        while (message := await self.wait()) is not None:
+            yield message
 
 
 def attach(request: HttpRequest) -> WebSocket | None:
     """Set ``request.websocket`` and ``request.is_websocket()``; idempotent."""
     if "websocket" in request.__dict__:
-        return request.websocket  # type: ignore[no-any-return]
-    websocket = WebSocket(request) if is_websocket_request(request) else None
+        current = request.websocket
+        return current._ws if isinstance(current, AsyncWebSocket) else current
+    opener = getattr(request, "_dwebsocket_opener", None)
+    if opener is None and is_websocket_request(request):
+        from .servers.wsgi import WsgiOpener
+
+        opener = WsgiOpener()
+    websocket = WebSocket(request, opener) if opener is not None else None
     request.websocket = websocket  # type: ignore[attr-defined]
     request.is_websocket = lambda: websocket is not None  # type: ignore[attr-defined]
     return websocket

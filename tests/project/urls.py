@@ -23,4 +23,10 @@ urlpatterns = [
     path("whoami/", views.whoami),
     path("concurrent-send/", views.concurrent_send),
     path("undecorated-echo/", views.undecorated_echo),
+    path("async-echo/", views.async_echo),
+    path("async-broadcast/", views.async_broadcast),
+    path("async-members/", views.async_members),
+    path("middleware-raises/", views.middleware_raises),
+    path("sleepy-echo/", views.sleepy_echo),
+    path("login-as/<str:username>/", views.login_as),
 ]

@@ -1,5 +1,6 @@
 """Views that exercise each member of request.websocket, for the tests."""
 
+import asyncio
 import threading
 import time
 
@@ -75,7 +76,7 @@ def queue(request):
     ws = request.websocket
     first = ws.read()
     deadline = time.monotonic() + 5
-    while ws.count_messages() < 3 and time.monotonic() < deadline:
+    while ws.count_messages() + (first is not None) < 3 and time.monotonic() < deadline:
         time.sleep(0.01)
     ws.send(f"first={first!r} count={ws.count_messages()} has={ws.has_messages()}")
     got = [ws.read() for _ in range(4)]
@@ -179,3 +180,80 @@ def undecorated_echo(request):
         return HttpResponse("plain")
     for message in request.websocket:
         request.websocket.send(message)
+
+
+@require_websocket
+async def async_echo(request):
+    ws = request.websocket
+    async for message in ws:
+        await ws.send(message)
+    _record(request, close_code=ws.close_code, closed=ws.closed, connected=ws.connected,
+            kind=type(ws).__name__, finished=True)
+
+
+# Async broadcast: the AsyncWebSocket objects of every open connection.
+# Guarded by running on one event loop per server process (ASGI), or by
+# _async_clients_lock where views run on event loops of their own (WSGI).
+async_clients = []
+_async_clients_lock = threading.Lock()
+
+
+@require_websocket
+async def async_broadcast(request):
+    ws = request.websocket
+    await ws.send("joined")
+    with _async_clients_lock:
+        async_clients.append(ws)
+    try:
+        while (message := await ws.wait()) is not None:
+            with _async_clients_lock:
+                others = [client for client in async_clients if client is not ws]
+            for client in others:
+                await client.send(message)
+    finally:
+        with _async_clients_lock:
+            async_clients.remove(ws)
+
+
+@require_websocket
+async def async_members(request):
+    """Exercises the async connection's members."""
+    ws = request.websocket
+    assert ws.connected  # before the handshake is answered
+    started = time.monotonic()
+    timed_out = await ws.wait(timeout=0.2)
+    await ws.send(f"timeout={timed_out!r} connected={ws.connected} waited={time.monotonic() - started >= 0.15}")
+    first = await ws.wait()
+    deadline = time.monotonic() + 5
+    while ws.count_messages() < 2 and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    await ws.send(f"first={first!r} count={ws.count_messages()} has={ws.has_messages()} "
+                  f"read={await ws.read()!r},{await ws.read()!r},{await ws.read()!r}")
+    await ws.send(b"\x00binary")
+    await ws.close(4003, "async bye")
+    await ws.close(4004, "ignored")
+    _record(request, after=await ws.wait(), send_after=await ws.send("late"), closed=ws.closed,
+            finished=True)
+
+
+def middleware_raises(request):
+    """Reached only through ExplodingMiddleware, which raises first."""
+    raise AssertionError("unreachable")
+
+
+@require_websocket
+def sleepy_echo(request):
+    """Echoes after holding its thread a while: proves views do not share one thread."""
+    ws = request.websocket
+    for message in ws:
+        time.sleep(0.5)
+        ws.send(message)
+
+
+def login_as(request, username):
+    """Logs the client in as *username* (created on first use): test project only."""
+    from django.contrib.auth import get_user_model, login
+
+    user, _ = get_user_model().objects.get_or_create(username=username)
+    login(request, user, backend="django.contrib.auth.backends.ModelBackend")
+    return HttpResponse(f"logged in as {username}")

@@ -19,7 +19,6 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable
 
 import wsproto
 from wsproto.connection import ConnectionState
@@ -74,6 +73,12 @@ class SocketTransport:
             if self._protocol.state is not ConnectionState.OPEN:
                 return False
             return self._write(self._protocol.send(Message(data=message)))
+
+    async def asend(self, message: MessageData) -> bool:
+        return self.send(message)  # a WSGI server's async view has an event loop of its own
+
+    async def aclose(self, code: int, reason: str) -> None:
+        self.close(code, reason)
 
     def close(self, code: int, reason: str) -> None:
         with self._lock:

@@ -23,7 +23,10 @@ from typing import Any
 
 from django.http import HttpResponse
 
-from ..handshake import HandshakeError
+from ..conf import Limits
+from ..connection import Connection
+from ..handshake import Handshake, HandshakeError
+from .socket import SocketTransport
 
 SUPPORTED = (
     "manage.py runserver, gunicorn with -k gthread or -k gevent, "
@@ -41,7 +44,7 @@ class SocketLoan:
     release: Callable[[], None] = field(default=lambda: None)
 
 
-def _gevent_patched() -> bool:
+def gevent_patched() -> bool:
     gevent_monkey = sys.modules.get("gevent.monkey")
     return bool(gevent_monkey and gevent_monkey.is_module_patched("socket"))
 
@@ -53,7 +56,7 @@ def borrow_socket(environ: dict[str, Any]) -> SocketLoan:
         return SocketLoan(sock, "runserver", environ.get("dwebsocket.release", lambda: None))
     sock = environ.get("gunicorn.socket")
     if sock is not None:
-        if not environ.get("wsgi.multithread") and not _gevent_patched():
+        if not environ.get("wsgi.multithread") and not gevent_patched():
             raise HandshakeError(
                 501,
                 "gunicorn's sync worker cannot hold WebSocket connections: each one "
@@ -105,3 +108,45 @@ class ReleasedResponse(HttpResponse):
         if not self._closed_once:
             self._closed_once = True
             super().close()
+
+
+class WsgiOpener:
+    """Answers a handshake on a socket borrowed from the WSGI server."""
+
+    def __init__(self) -> None:
+        self._handshake: Handshake | None = None
+        self._loan: SocketLoan | None = None
+        self.offered_subprotocols: list[str] = []
+
+    def prepare(self, request: Any) -> None:
+        self._handshake = Handshake(request)
+        self._loan = borrow_socket(request.META)
+        self.offered_subprotocols = self._handshake.offered_subprotocols
+
+    def open(self, connection: Connection, subprotocol: str | None) -> SocketTransport | None:
+        assert self._handshake is not None and self._loan is not None
+        limits: Limits = connection._limits  # type: ignore[attr-defined]
+        sock = self._loan.sock
+        try:
+            prepare_socket(sock)
+            sock.sendall(self._handshake.accept(subprotocol, compression=limits.compression))
+        except OSError:
+            return None
+        transport = SocketTransport(sock, self._handshake.connection, connection, limits)
+        connection._opened(transport)
+        transport.start()
+        return transport
+
+    async def aopen(self, connection: Connection, subprotocol: str | None) -> SocketTransport | None:
+        # Under WSGI an async view runs on an event loop of its own: blocking it
+        # for the few bytes of the handshake delays no other connection.
+        return self.open(connection, subprotocol)
+
+    def finish(self, transport: Any) -> HttpResponse:
+        if transport is not None:
+            transport.finish()
+        release = self._loan.release if self._loan is not None else (lambda: None)
+        return ReleasedResponse(release)
+
+    async def afinish(self, transport: Any) -> HttpResponse:
+        return self.finish(transport)

@@ -1,0 +1,6 @@
+import os
+
+from dwebsocket.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatsite.settings")
+application = get_asgi_application()

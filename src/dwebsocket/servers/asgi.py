@@ -28,7 +28,7 @@ from typing import Any
 from asgiref.sync import ThreadSensitiveContext, iscoroutinefunction, sync_to_async
 from django.conf import settings
 from django.core import signals
-from django.core.handlers.asgi import ASGIRequest, get_script_prefix
+from django.core.handlers.asgi import ASGIRequest
 from django.core.handlers.base import BaseHandler
 from django.http import HttpResponse
 from django.http.response import HttpResponseBase
@@ -246,6 +246,13 @@ class AsgiOpener:
             # Without the extension a close before accepting is the only refusal
             # ASGI has; the server answers the handshake with 403.
             await self._send({"type": "websocket.close", "code": 1008})
+
+
+def get_script_prefix(scope: Scope) -> str:
+    """The script prefix, from FORCE_SCRIPT_NAME or the scope (as Django's ASGIHandler does)."""
+    if settings.FORCE_SCRIPT_NAME:
+        return str(settings.FORCE_SCRIPT_NAME)
+    return str(scope.get("root_path", "") or "")
 
 
 def _http_scope(scope: Scope) -> Scope:

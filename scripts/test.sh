@@ -12,6 +12,16 @@ cd "$(dirname "$0")/.."
 
 MATRIX=${DWS_MATRIX:-"4.2:3.10 5.2:3.11 6.0:3.12"}
 
+# Debian packages the tests start: redis-server (the Redis broker's tests).
+if ! command -v redis-server >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server >/dev/null
+  else
+    echo "The tests need redis-server: sudo apt-get install redis-server" >&2
+    exit 1
+  fi
+fi
+
 scripts/conformance.sh --setup-only   # the Autobahn TestSuite, for tests/test_conformance.py
 export WSTEST="$PWD/.venvs/autobahn/bin/wstest"
 

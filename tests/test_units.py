@@ -34,6 +34,7 @@ def test_default_settings_pass_the_checks():
         ("WEBSOCKET_PING_INTERVAL", 0),
         ("WEBSOCKET_PING_TIMEOUT", "20"),
         ("WEBSOCKET_CLOSE_TIMEOUT", None),
+        ("WEBSOCKET_BROADCAST_QUEUE", 0),
     ],
 )
 def test_wrong_setting_values_are_reported(setting, value):
@@ -267,3 +268,41 @@ def test_closed_connection_state():
     connection._closed(1006)
     assert connection.wait() is None and connection.read() is None
     assert connection._state == CLOSED and connection.close_code == 1006
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "check_id"),
+    [
+        ("WEBSOCKET_BROADCAST_OVERFLOW", "block", "dwebsocket.E003"),
+        ("WEBSOCKET_BROKER", "redis", "dwebsocket.E004"),
+        ("WEBSOCKET_BROKER", None, "dwebsocket.E004"),
+    ],
+)
+def test_wrong_broker_settings_are_reported(setting, value, check_id):
+    with override_settings(**{setting: value}):
+        assert [m[0] for m in dwebsocket_messages()] == [check_id]
+
+
+def test_deploy_check_reports_an_unreachable_redis():
+    from tests.servers import free_port
+
+    with override_settings(WEBSOCKET_BROKER=f"redis://127.0.0.1:{free_port()}/0"):
+        assert dwebsocket_messages() == []  # the normal checks do not connect
+        deploy = [m for m in run_checks(include_deployment_checks=True) if m.id == "dwebsocket.E005"]
+    assert len(deploy) == 1 and "cannot be reached" in deploy[0].msg
+
+
+def test_redis_wire_format_round_trips():
+    from dwebsocket.brokers.redis import decode, encode
+
+    for message, exclude in (("héllo", None), (b"\x00\n\xff", "abc123"), ("", "x")):
+        assert decode(encode(message, exclude)) == (message, exclude)
+
+
+def test_broadcast_frame_is_built_once_and_matches_wsproto():
+    from dwebsocket.groups import Encoded
+
+    encoded = Encoded("hi")
+    assert encoded.frame == b"\x81\x02hi"
+    assert encoded.frame is encoded.frame
+    assert Encoded(b"\x00" * 200).frame[:4] == b"\x82\x7e\x00\xc8"

@@ -41,6 +41,24 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error | Warni
     errors += _number_or_none("WEBSOCKET_PING_INTERVAL")
     errors += _number_or_none("WEBSOCKET_PING_TIMEOUT")
     errors += _number_or_none("WEBSOCKET_CLOSE_TIMEOUT", allow_none=False)
+    errors += _number_or_none("WEBSOCKET_BROADCAST_QUEUE", allow_none=False, integer=True)
+    overflow = conf.get("WEBSOCKET_BROADCAST_OVERFLOW")
+    if overflow not in ("close", "drop"):
+        errors.append(
+            Error(
+                f'WEBSOCKET_BROADCAST_OVERFLOW must be "close" or "drop"; it is {overflow!r}.',
+                id="dwebsocket.E003",
+            )
+        )
+    broker = conf.get("WEBSOCKET_BROKER")
+    if not (broker == "memory" or (isinstance(broker, str) and broker.startswith(("redis://", "rediss://", "unix://")))):
+        errors.append(
+            Error(
+                f"WEBSOCKET_BROKER must be \"memory\" or a Redis URL; it is {broker!r}.",
+                hint='For example WEBSOCKET_BROKER = "redis://127.0.0.1:6379/0".',
+                id="dwebsocket.E004",
+            )
+        )
 
     origins = conf.get("WEBSOCKET_ALLOWED_ORIGINS")
     if origins is not None and (
@@ -71,3 +89,24 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error | Warni
             )
         )
     return errors
+
+
+@register(deploy=True)
+def check_broker_reachable(app_configs: Any = None, **kwargs: Any) -> list[Error]:
+    """``manage.py check --deploy``: the Redis broker answers."""
+    url = conf.get("WEBSOCKET_BROKER")
+    if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
+        return []
+    import redis
+
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2).ping()
+    except Exception as exc:
+        return [
+            Error(
+                f"WEBSOCKET_BROKER = {url!r} cannot be reached: {exc}.",
+                hint="Start Redis, or fix the URL. Until it answers, broadcasts stay in one process.",
+                id="dwebsocket.E005",
+            )
+        ]
+    return []

@@ -34,6 +34,15 @@ DEFAULTS: dict[str, Any] = {
     "WEBSOCKET_CLOSE_TIMEOUT": 5.0,
     # Offer permessage-deflate compression to clients that ask for it.
     "WEBSOCKET_COMPRESSION": True,
+    # Where groups live: "memory" (this process) or a Redis URL such as
+    # "redis://127.0.0.1:6379/0" (every process and host sharing that Redis).
+    "WEBSOCKET_BROKER": "memory",
+    # Broadcast messages waiting to be written to one client. A client that
+    # falls this far behind is handled by WEBSOCKET_BROADCAST_OVERFLOW.
+    "WEBSOCKET_BROADCAST_QUEUE": 256,
+    # "close": close a client that falls behind with 1013 (try again later);
+    # "drop": skip the broadcasts it has no room for.
+    "WEBSOCKET_BROADCAST_OVERFLOW": "close",
 }
 
 
@@ -52,6 +61,8 @@ class Limits:
     ping_timeout: float | None
     close_timeout: float
     compression: bool
+    broadcast_queue: int
+    broadcast_overflow: str
 
     @classmethod
     def from_settings(cls) -> Limits:
@@ -62,4 +73,6 @@ class Limits:
             ping_timeout=get("WEBSOCKET_PING_TIMEOUT"),
             close_timeout=get("WEBSOCKET_CLOSE_TIMEOUT"),
             compression=bool(get("WEBSOCKET_COMPRESSION")),
+            broadcast_queue=get("WEBSOCKET_BROADCAST_QUEUE"),
+            broadcast_overflow=get("WEBSOCKET_BROADCAST_OVERFLOW"),
         )

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Protocol, Union
+from typing import Any, Protocol, Union
 
 #: What a WebSocket message is: ``str`` for a text frame, ``bytes`` for a binary one.
 Message = Union[str, bytes]
@@ -34,6 +35,9 @@ class Transport(Protocol):
 
     def close(self, code: int, reason: str) -> None:
         """Start the closing handshake."""
+
+    def offer(self, encoded: Any) -> bool:
+        """Queue a broadcast without waiting; ``False`` if it was not queued."""
 
 
 def check_close_code(code: int, reason: str) -> None:
@@ -78,6 +82,10 @@ class Connection:
         self._close_reason = ""
         self._transport: Transport | None = None
         self._listeners: set[Callable[[], None]] = set()
+        #: A unique id for this connection, across every process of a deployment.
+        self.id = uuid.uuid4().hex
+        # The groups this connection is in; changed by dwebsocket.groups only.
+        self._groups: set[str] = set()
 
     # -- for subclasses and transports --------------------------------------
 
@@ -135,13 +143,28 @@ class Connection:
         return message
 
     def _closed(self, code: int, reason: str = "") -> None:
-        """Record that the connection is closed; wakes every waiter."""
+        """Record that the connection is closed; wakes every waiter; leaves every group."""
         with self._cond:
-            if self._state != CLOSED:
+            first = self._state != CLOSED
+            if first:
                 self._state = CLOSED
                 self._close_code = code
                 self._close_reason = reason
             self._changed()
+        if first and self._groups:
+            from . import groups
+
+            groups.leave_all(self, self._groups)
+
+    def _offer(self, encoded: Any) -> bool:
+        """Queue a broadcast for this client without waiting (see dwebsocket.groups)."""
+        transport = self._open_transport()
+        return transport is not None and transport.offer(encoded)
+
+    @property
+    def user_id(self) -> str | None:
+        """The primary key of the user of this connection, if known (for presence)."""
+        return None
 
     def _begin_close(self) -> Transport | None:
         """Move to CLOSING; the transport to send the close frame on, if still open."""
@@ -246,6 +269,22 @@ class Connection:
     def close_reason(self) -> str:
         """The reason in the client's close frame, or ``""``."""
         return self._close_reason
+
+    def join(self, group: str) -> None:
+        """Add this connection to *group*; it leaves by itself when it closes.
+
+        Answers the handshake first, if the view has not used the connection yet.
+        """
+        from . import groups
+
+        self._start()
+        groups.join_and_wait(self, group)
+
+    def leave(self, group: str) -> None:
+        """Remove this connection from *group*."""
+        from . import groups
+
+        groups.leave_and_wait(self, group)
 
     def __iter__(self) -> Iterator[Message]:
         """Yield each message until the connection closes."""

@@ -46,6 +46,19 @@ class Opener(Protocol):
         """Close after the view returned, from a coroutine."""
 
 
+_UNKNOWN = object()
+
+
+def _user_id(request: HttpRequest) -> str | None:
+    try:
+        user = request.user  # type: ignore[attr-defined]
+        if user is not None and user.is_authenticated:
+            return str(user.pk)
+    except Exception:  # no auth middleware, or a lazy user that cannot load here (async)
+        pass
+    return None
+
+
 class WebSocket(Connection):
     """The WebSocket of one request, as ``request.websocket`` in a sync view.
 
@@ -68,6 +81,7 @@ class WebSocket(Connection):
         self._accept_lock = threading.Lock()
         self._accepted = False
         self._finished_response: HttpResponseBase | None = None
+        self._user_id: object = _UNKNOWN
 
     @property
     def subprotocol(self) -> str | None:
@@ -82,6 +96,13 @@ class WebSocket(Connection):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self._request.path} {self._state}>"
+
+    @property
+    def user_id(self) -> str | None:
+        """The primary key of ``request.user``, if it is logged in and already loaded."""
+        if self._user_id is _UNKNOWN:
+            self._user_id = _user_id(self._request)
+        return self._user_id  # type: ignore[return-value]
 
     # -- driven by the decorators and the middleware ----------------------------
 
@@ -241,6 +262,24 @@ class AsyncWebSocket:
     async def disconnect(self) -> None:
         """Close normally (1000); idempotent."""
         await self.close()
+
+    async def join(self, group: str) -> None:
+        """Add this connection to *group*; it leaves by itself when it closes."""
+        from . import groups
+
+        await self._ws._astart()
+        await groups.ajoin_and_wait(self._ws, group)
+
+    async def leave(self, group: str) -> None:
+        """Remove this connection from *group*."""
+        from . import groups
+
+        await groups.aleave_and_wait(self._ws, group)
+
+    @property
+    def id(self) -> str:
+        """A unique id for this connection, across every process of a deployment."""
+        return self._ws.id
 
     def count_messages(self) -> int:
         """The number of received messages waiting to be read."""

@@ -29,4 +29,8 @@ urlpatterns = [
     path("middleware-raises/", views.middleware_raises),
     path("sleepy-echo/", views.sleepy_echo),
     path("login-as/<str:username>/", views.login_as),
+    path("group/<str:name>/", views.group_chat),
+    path("async-group/<str:name>/", views.async_group_chat),
+    path("presence/<str:name>/", views.presence),
+    path("broadcast/<str:name>/", views.http_broadcast),
 ]

@@ -7,7 +7,7 @@ import time
 from django.contrib.auth.decorators import login_required
 from django.http import HttpResponse, HttpResponseForbidden, JsonResponse
 
-from dwebsocket import accept_websocket, require_websocket
+from dwebsocket import accept_websocket, broadcast, group_members, group_size, require_websocket
 
 # Close codes and reasons that views saw, by the ?id= of the connection.
 # Guarded by _results_lock: views write from their own threads.
@@ -257,3 +257,42 @@ def login_as(request, username):
     user, _ = get_user_model().objects.get_or_create(username=username)
     login(request, user, backend="django.contrib.auth.backends.ModelBackend")
     return HttpResponse(f"logged in as {username}")
+
+
+# -- groups ---------------------------------------------------------------------
+
+
+@require_websocket
+def group_chat(request, name):
+    """Joins group *name* and broadcasts what the client sends to the others."""
+    ws = request.websocket
+    ws.join(name)
+    ws.send(f"joined {ws.id}")
+    for message in ws:
+        broadcast(name, message, exclude=ws)
+
+
+@require_websocket
+async def async_group_chat(request, name):
+    ws = request.websocket
+    await ws.join(name)
+    await ws.send(f"joined {ws.id}")
+    async for message in ws:
+        broadcast(name, message, exclude=ws)
+
+
+def presence(request, name):
+    return JsonResponse({
+        "size": group_size(name),
+        "members": sorted(m.id for m in group_members(name)),
+        "users": sorted(str(m.user) for m in group_members(name)),
+    })
+
+
+def http_broadcast(request, name):
+    """Broadcasts ?n= numbered messages of ?size= bytes from a plain HTTP view."""
+    count = int(request.GET.get("n", "1"))
+    padding = "p" * int(request.GET.get("size", "0"))
+    for index in range(count):
+        broadcast(name, f"{request.GET.get('m', 'msg')} {index} {padding}".rstrip())
+    return HttpResponse(f"sent {count}")

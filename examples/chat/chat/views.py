@@ -1,23 +1,16 @@
-"""The seed guide's chat, with the page and the socket on one URL."""
+"""The seed guide's chat, done with groups: the page and the socket on one URL."""
 
-import threading
+import json
 
 from django.shortcuts import render
 
-from dwebsocket import accept_websocket
+from dwebsocket import accept_websocket, broadcast, group_size
 
-# Every open chat connection. The view threads of all clients add, remove and
-# broadcast, so _clients_lock guards the list.
-connected_clients = []
-_clients_lock = threading.Lock()
+ROOM = "lobby"
 
 
-def broadcast(message, exclude=None):
-    with _clients_lock:
-        clients = list(connected_clients)
-    for client in clients:
-        if client is not exclude:
-            client.send(message)  # thread-safe; returns False for a closed client
+def _announce(text):
+    broadcast(ROOM, json.dumps({"type": "presence", "text": text, "members": group_size(ROOM)}))
 
 
 @accept_websocket
@@ -25,11 +18,13 @@ def chat_view(request):
     if not request.is_websocket():
         return render(request, "chat/chat.html")
     ws = request.websocket
-    with _clients_lock:
-        connected_clients.append(ws)
+    name = (request.GET.get("name") or "").strip()[:40] or f"guest-{ws.id[:4]}"
+    ws.join(ROOM)  # every process's members, once WEBSOCKET_BROKER points at Redis
+    _announce(f"{name} joined")
     try:
-        for message in ws:  # ends when the client closes
-            broadcast(message, exclude=ws)
+        for text in ws:  # ends when the client closes
+            if isinstance(text, str) and text.strip():
+                broadcast(ROOM, json.dumps({"type": "message", "user": name, "text": text}), exclude=ws)
     finally:
-        with _clients_lock:
-            connected_clients.remove(ws)
+        ws.leave(ROOM)
+        _announce(f"{name} left")

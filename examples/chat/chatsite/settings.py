@@ -54,3 +54,7 @@ DATABASES = {
 STATIC_URL = "static/"
 USE_TZ = True
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# Groups stay in this process by default; point every process at one Redis to
+# chat across processes and hosts: CHAT_REDIS_URL=redis://127.0.0.1:6379/0
+WEBSOCKET_BROKER = os.environ.get("CHAT_REDIS_URL", "memory")

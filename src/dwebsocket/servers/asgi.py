@@ -73,6 +73,9 @@ class AsgiTransport:
         self._close_sent = False  # owned by the loop
         self._disconnected = asyncio.Event()
         self._receiver: asyncio.Task[None] | None = None
+        # Guarded by _offered_lock: broadcasts handed to the loop, not yet sent.
+        self._offered_lock = threading.Lock()
+        self._offered = 0
 
     def start(self) -> None:
         self._receiver = self._loop.create_task(self._receive_loop())
@@ -110,6 +113,30 @@ class AsgiTransport:
             return bool(self._call(self.asend(message)))
         except RuntimeError:  # the loop is closed: the server is shutting down
             return False
+
+    def offer(self, encoded: Any) -> bool:
+        with self._offered_lock:
+            if self._offered >= self._limits.broadcast_queue:
+                overflow = True
+            else:
+                overflow = False
+                self._offered += 1
+        if overflow:
+            if self._limits.broadcast_overflow == "close" and self._connection._begin_close() is not None:
+                self._loop.call_soon_threadsafe(self._spawn, self.aclose(1013, "too slow for the broadcasts"))
+            return False
+        self._loop.call_soon_threadsafe(self._spawn, self._send_offered(encoded.message))
+        return True
+
+    def _spawn(self, coroutine: Any) -> None:
+        self._loop.create_task(coroutine)
+
+    async def _send_offered(self, message: Message) -> None:
+        try:
+            await self.asend(message)  # the send lock is fair: broadcasts keep their order
+        finally:
+            with self._offered_lock:
+                self._offered -= 1
 
     async def aclose(self, code: int, reason: str) -> None:
         if self._close_sent or self._disconnected.is_set():

@@ -19,12 +19,14 @@ import select
 import socket
 import threading
 import time
+from collections import deque
 
 import wsproto
 from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping, Pong, TextMessage
 
 from ..conf import Limits
+from ..groups import Encoded
 from ..connection import Connection
 from ..connection import Message as MessageData
 
@@ -42,8 +44,10 @@ class SocketTransport:
         protocol: wsproto.WSConnection,
         connection: Connection,
         limits: Limits,
+        compressed: bool = False,
     ) -> None:
         self._sock = sock
+        self._compressed = compressed  # frames are per-connection deflated: no shared frames
         self._connection = connection
         self._limits = limits
         # Guarded by _lock: the wsproto state machine and writes to the socket.
@@ -61,6 +65,12 @@ class SocketTransport:
         self._reader = threading.Thread(
             target=self._read_loop, name="dwebsocket-reader", daemon=True
         )
+        # Guarded by _outbox_cond: broadcasts waiting for the writer thread,
+        # which starts with the first broadcast (see dwebsocket.groups).
+        self._outbox_cond = threading.Condition()
+        self._outbox: deque[Encoded] = deque()
+        self._writer: threading.Thread | None = None
+        self._ending = False
 
     def start(self) -> None:
         """Start reading frames."""
@@ -73,6 +83,53 @@ class SocketTransport:
             if self._protocol.state is not ConnectionState.OPEN:
                 return False
             return self._write(self._protocol.send(Message(data=message)))
+
+    def offer(self, encoded: Encoded) -> bool:
+        with self._outbox_cond:
+            if self._ending:
+                return False
+            if len(self._outbox) >= self._limits.broadcast_queue:
+                overflow = True
+            else:
+                overflow = False
+                self._outbox.append(encoded)
+                self._outbox_cond.notify()
+                if self._writer is None:
+                    self._writer = threading.Thread(
+                        target=self._write_loop, name="dwebsocket-writer", daemon=True
+                    )
+                    self._writer.start()
+        if overflow:
+            return self._overflow()
+        return True
+
+    def _overflow(self) -> bool:
+        """The client fell WEBSOCKET_BROADCAST_QUEUE broadcasts behind."""
+        if self._limits.broadcast_overflow == "close":
+            # It is not reading, so no close frame could reach it either: drop
+            # the connection, and tell the view why.
+            self._connection._closed(1013, "too slow for the broadcasts")
+            self._shutdown()
+        return False
+
+    def _write_loop(self) -> None:
+        """Write queued broadcasts, in order; the only thread that waits on a slow client for them."""
+        while True:
+            with self._outbox_cond:
+                while not self._outbox and not self._ending:
+                    self._outbox_cond.wait()
+                if self._ending:
+                    return
+                encoded = self._outbox.popleft()
+            with self._lock:
+                if self._protocol.state is not ConnectionState.OPEN:
+                    return
+                if self._compressed:
+                    data = self._protocol.send(Message(data=encoded.message))
+                else:
+                    data = encoded.frame  # built once for every member of the broadcast
+                if not self._write(data):
+                    return
 
     async def asend(self, message: MessageData) -> bool:
         return self.send(message)  # a WSGI server's async view has an event loop of its own
@@ -106,6 +163,9 @@ class SocketTransport:
 
     def _shutdown(self) -> None:
         """Shut the socket down once; its file descriptor stays the server's to close."""
+        with self._outbox_cond:
+            self._ending = True
+            self._outbox_cond.notify()
         with self._shutdown_lock:
             if self._is_shut_down:
                 return

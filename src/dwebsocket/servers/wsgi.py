@@ -127,12 +127,14 @@ class WsgiOpener:
         assert self._handshake is not None and self._loan is not None
         limits: Limits = connection._limits  # type: ignore[attr-defined]
         sock = self._loan.sock
+        answer = self._handshake.accept(subprotocol, compression=limits.compression)
         try:
             prepare_socket(sock)
-            sock.sendall(self._handshake.accept(subprotocol, compression=limits.compression))
+            sock.sendall(answer)
         except OSError:
             return None
-        transport = SocketTransport(sock, self._handshake.connection, connection, limits)
+        compressed = b"permessage-deflate" in answer.lower()
+        transport = SocketTransport(sock, self._handshake.connection, connection, limits, compressed)
         connection._opened(transport)
         transport.start()
         return transport

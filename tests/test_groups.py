@@ -1,0 +1,263 @@
+"""Groups and broadcast: in one process (memory broker) and across processes (Redis)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from websockets.asyncio.client import connect as async_connect
+from websockets.exceptions import ConnectionClosed
+
+from .client import ws_connect
+from .servers import ROOT, WSGI_SERVERS, start_redis, start_server
+from .test_servers import handshake_bytes
+
+
+def presence(server, group):
+    return json.loads(server.get(f"/presence/{group}/")[1])
+
+
+def wait_for(predicate, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def joined(client):
+    greeting = client.recv(timeout=10)
+    assert greeting.startswith("joined ")
+    return greeting.split()[1]
+
+
+# -- one process, memory broker, every server ----------------------------------------
+
+
+def test_broadcast_reaches_the_other_members(server):
+    check_group_broadcast(server, "group")
+
+
+@pytest.mark.servers("runserver", "gthread", "uvicorn", "daphne", "hypercorn")  # gevent: no async views
+def test_broadcast_reaches_the_other_members_of_async_views(server):
+    check_group_broadcast(server, "async-group")
+
+
+def check_group_broadcast(server, view):
+    group = f"g-{view}-{time.monotonic_ns()}"
+    with contextlib.ExitStack() as stack:
+        clients = [stack.enter_context(ws_connect(server, f"/{view}/{group}/")) for _ in range(3)]
+        ids = [joined(c) for c in clients]
+        wait_for(lambda: presence(server, group)["size"] == 3, what="3 members")
+        assert presence(server, group)["members"] == sorted(ids)
+        clients[0].send("hello group")
+        assert clients[1].recv(timeout=5) == "hello group"
+        assert clients[2].recv(timeout=5) == "hello group"
+        clients[1].send(b"\x00binary")
+        assert clients[0].recv(timeout=5) == b"\x00binary"
+        assert clients[2].recv(timeout=5) == b"\x00binary"
+        with pytest.raises(TimeoutError):
+            clients[0].recv(timeout=0.3)  # nothing else, and never its own message
+        assert server.get(f"/broadcast/{group}/?m=from-http&n=2")[0] == 200
+        for client in clients:
+            assert client.recv(timeout=5) == "from-http 0"
+            assert client.recv(timeout=5) == "from-http 1"
+        clients[2].close()
+        wait_for(lambda: presence(server, group)["size"] == 2, what="a member leaving")
+
+
+@pytest.mark.parametrize("kind", ["gthread", "uvicorn"])
+def test_a_slow_member_does_not_slow_the_others(kind):
+    group = "flood"
+    with start_server(kind) as running, contextlib.ExitStack() as stack:
+        fast = stack.enter_context(ws_connect(running, f"/group/{group}/"))
+        joined(fast)
+        # The slow member: a raw client that joins and then never reads.
+        slow = stack.enter_context(socket.create_connection(("127.0.0.1", running.port)))
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.sendall(handshake_bytes(f"/group/{group}/"))
+        wait_for(lambda: presence(running, group)["size"] == 2, what="2 members")
+        # Two bursts of 200 messages of 50 kB (20 MB in all): each fits the fast
+        # member's queue (WEBSOCKET_BROADCAST_QUEUE, 256), while the slow member,
+        # whose socket stopped taking data after a few MB, overflows it.
+        count, size = 200, 50_000
+        for burst in range(2):
+            assert running.get(f"/broadcast/{group}/?n={count}&size={size}&m=b{burst}")[0] == 200
+            for index in range(count):
+                assert fast.recv(timeout=10).startswith(f"b{burst} {index} ")
+        if kind in WSGI_SERVERS:
+            # The slow member was dropped once it fell behind (the default policy).
+            # ASGI servers take every send into their own buffers, so there the
+            # server's keepalive ends a member that stopped reading.
+            wait_for(lambda: presence(running, group)["size"] == 1, what="the slow member closed")
+        assert "Traceback" not in running.log_text()
+
+
+def test_fifty_clients_broadcasting_at_once_lose_and_duplicate_nothing():
+    env = {"DWS_TEST_BROADCAST_QUEUE": "5000"}
+    with start_server("gthread", env=env) as running:
+        asyncio.run(_fifty_clients(running.port))
+        assert "Traceback" not in running.log_text()
+
+
+async def _fifty_clients(port):
+    clients_count, messages = 50, 20
+    uri = f"ws://127.0.0.1:{port}/group/fifty/"
+    clients = [await async_connect(uri) for _ in range(clients_count)]
+    try:
+        for client in clients:
+            assert (await client.recv()).startswith("joined ")
+
+        async def run(index, client):
+            expected = (clients_count - 1) * messages
+            received = []
+
+            async def receive():
+                while len(received) < expected:
+                    received.append(await asyncio.wait_for(client.recv(), 30))
+
+            receiver = asyncio.create_task(receive())
+            await asyncio.sleep(0.5)  # everyone is listening
+            for n in range(messages):
+                await client.send(f"{index}:{n}")
+            await receiver
+            return received
+
+        results = await asyncio.gather(*(run(i, c) for i, c in enumerate(clients)))
+    finally:
+        await asyncio.gather(*(c.close() for c in clients))
+    for index, received in enumerate(results):
+        assert len(received) == len(set(received)) == (clients_count - 1) * messages
+        senders = {}
+        for message in received:
+            sender, n = message.split(":")
+            assert sender != str(index)
+            senders.setdefault(sender, []).append(int(n))
+        assert all(ns == list(range(messages)) for ns in senders.values())  # in order per sender
+
+
+# -- many processes through Redis --------------------------------------------------
+
+
+@pytest.fixture
+def redis_server():
+    with start_redis() as server:
+        yield server
+
+
+@contextlib.contextmanager
+def two_servers(redis_server, kinds=("gthread", "uvicorn"), **env):
+    full_env = {"DWS_TEST_BROKER": redis_server.url, **env}
+    with start_server(kinds[0], env=full_env) as first, start_server(kinds[1], env=full_env) as second:
+        yield first, second
+
+
+def test_broadcast_crosses_processes_exactly_once_in_order(redis_server):
+    with two_servers(redis_server) as (first, second), contextlib.ExitStack() as stack:
+        sender = stack.enter_context(ws_connect(first, "/group/lobby/"))
+        on_first = stack.enter_context(ws_connect(first, "/group/lobby/"))
+        on_second = [stack.enter_context(ws_connect(second, "/async-group/lobby/")) for _ in range(2)]
+        for client in (sender, on_first, *on_second):
+            joined(client)
+        wait_for(lambda: presence(first, "lobby")["size"] == 4, what="4 members in Redis")
+        assert presence(second, "lobby")["size"] == 4
+        for n in range(100):
+            sender.send(f"m{n}")
+        for receiver in (on_first, *on_second):
+            assert [receiver.recv(timeout=10) for _ in range(100)] == [f"m{n}" for n in range(100)]
+            with pytest.raises(TimeoutError):
+                receiver.recv(timeout=0.3)  # exactly once
+        with pytest.raises(TimeoutError):
+            sender.recv(timeout=0.3)
+        for server in (first, second):
+            assert "Traceback" not in server.log_text()
+
+
+def test_broadcast_from_a_plain_python_process_and_the_management_command(redis_server):
+    with two_servers(redis_server, kinds=("gevent", "daphne")) as (first, second), contextlib.ExitStack() as stack:
+        clients = [stack.enter_context(ws_connect(s, "/group/news/")) for s in (first, second)]
+        for client in clients:
+            joined(client)
+        wait_for(lambda: presence(first, "news")["size"] == 2, what="2 members")
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "DJANGO_SETTINGS_MODULE": "tests.project.settings",
+               "DWS_TEST_BROKER": redis_server.url}
+        worker = "import django; django.setup(); import dwebsocket; dwebsocket.broadcast('news', 'from a worker')"
+        subprocess.run([sys.executable, "-c", worker], env=env, check=True, timeout=60)
+        for client in clients:
+            assert client.recv(timeout=10) == "from a worker"
+        command = subprocess.run(
+            [sys.executable, "tests/project/manage.py", "websocket_broadcast", "news", "from the command"],
+            env=env, cwd=ROOT, check=True, timeout=60, capture_output=True, text=True,
+        )
+        assert "Sent to group 'news' (2 member(s) present)." in command.stdout
+        for client in clients:
+            assert client.recv(timeout=10) == "from the command"
+
+
+def test_presence_across_processes_counts_comings_goings_and_vanished_clients(redis_server):
+    env = {"DWS_TEST_PING_INTERVAL": "0.5", "DWS_TEST_PING_TIMEOUT": "0.5"}
+    with two_servers(redis_server, kinds=("gthread", "runserver"), **env) as (first, second):
+        a = ws_connect(first, "/group/room/")
+        b = ws_connect(first, "/group/room/")
+        c = ws_connect(second, "/group/room/")
+        ids = sorted(joined(x) for x in (a, b, c))
+        wait_for(lambda: presence(second, "room")["size"] == 3, what="3 members")
+        assert presence(first, "room")["members"] == ids
+        b.close()
+        wait_for(lambda: presence(second, "room")["size"] == 2, what="a close")
+        # A client that vanishes without a close frame is counted out by the keepalive.
+        with socket.create_connection(("127.0.0.1", second.port)) as vanishing:
+            vanishing.sendall(handshake_bytes("/group/room/"))
+            wait_for(lambda: presence(first, "room")["size"] == 3, what="the raw client")
+        c.socket.shutdown(socket.SHUT_RDWR)
+        wait_for(lambda: presence(first, "room")["size"] == 1, timeout=15, what="vanished clients")
+        a.close()
+        wait_for(lambda: presence(first, "room")["size"] == 0, what="an empty room")
+
+
+def test_redis_restarting_while_serving(redis_server):
+    with two_servers(redis_server) as (first, second), contextlib.ExitStack() as stack:
+        sender = stack.enter_context(ws_connect(first, "/group/live/"))
+        local = stack.enter_context(ws_connect(first, "/group/live/"))
+        remote = stack.enter_context(ws_connect(second, "/group/live/"))
+        for client in (sender, local, remote):
+            joined(client)
+        wait_for(lambda: presence(first, "live")["size"] == 3, what="3 members")
+        sender.send("before")
+        assert local.recv(timeout=5) == "before" and remote.recv(timeout=5) == "before"
+
+        redis_server.stop()
+        sender.send("during")
+        assert local.recv(timeout=10) == "during"  # local delivery goes on
+        with pytest.raises(TimeoutError):
+            remote.recv(timeout=0.5)  # pub/sub is at-most-once: lost for the other process
+        redis_server.start()
+
+        def delivered_again():
+            sender.send("after")
+            try:
+                return remote.recv(timeout=0.5) == "after"
+            except TimeoutError:
+                return False
+
+        wait_for(delivered_again, timeout=20, what="broadcasts to resume")
+        while True:  # drain what local got meanwhile
+            try:
+                assert local.recv(timeout=0.5) in ("after",)
+            except TimeoutError:
+                break
+        wait_for(lambda: presence(second, "live")["size"] == 3, timeout=20, what="presence restored")
+        for server in (first, second):
+            log = server.log_text()
+            assert "Traceback" not in log
+            assert "lost Redis at WEBSOCKET_BROKER" in log
+        for server in (first, second):  # both still serve
+            with ws_connect(server, "/echo/") as ws:
+                ws.send("ok")
+                assert ws.recv(timeout=5) == "ok"

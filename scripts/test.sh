@@ -41,6 +41,10 @@ for entry in $MATRIX; do
   "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
   "$venv/bin/python" -m pip install -q -e . -r requirements/test.txt "Django~=$django.0"
   echo "=== Django $("$venv/bin/python" -m django --version) on Python $("$venv/bin/python" -c 'import platform; print(platform.python_version())')"
-  "$venv/bin/python" -m pytest "$@" || status=$?
+  # The Autobahn cases test the protocol, which does not change with Django:
+  # they run once, with the LTS in the middle of the matrix.
+  marker=()
+  if [ "$django" != "5.2" ] && [ -z "${DWS_MATRIX:-}" ]; then marker=(-m "not conformance"); fi
+  "$venv/bin/python" -m pytest "${marker[@]}" "$@" || status=$?
 done
 exit $status

@@ -41,6 +41,7 @@ class Project:
 PROJECTS = {
     "tests": Project("tests/project/manage.py", "tests.project.wsgi", ROOT, "tests.project.settings"),
     "chat": Project("manage.py", "chatsite.wsgi", ROOT / "examples" / "chat", "chatsite.settings"),
+    "bench": Project("bench/project/manage.py", "bench.project.wsgi", ROOT, "bench.project.settings"),
 }
 
 SERVERS = {

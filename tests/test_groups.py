@@ -261,3 +261,18 @@ def test_redis_restarting_while_serving(redis_server):
             with ws_connect(server, "/echo/") as ws:
                 ws.send("ok")
                 assert ws.recv(timeout=5) == "ok"
+
+
+def test_unreachable_redis_at_start_names_the_setting_and_local_delivery_works():
+    from .servers import free_port
+
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    with start_server("gthread", env={"DWS_TEST_BROKER": url}) as running, contextlib.ExitStack() as stack:
+        a, b = (stack.enter_context(ws_connect(running, "/group/alone/")) for _ in range(2))
+        joined(a)
+        joined(b)
+        a.send("still delivered here")
+        assert b.recv(timeout=5) == "still delivered here"
+        log = running.log_text()
+        assert f"cannot reach Redis at WEBSOCKET_BROKER = '{url}'" in log
+        assert "Traceback" not in log

@@ -1,0 +1,10 @@
+from django.urls import path
+
+from . import views
+
+urlpatterns = [
+    path("health/", views.health),
+    path("member/", views.member),
+    path("fanout/dwebsocket/", views.dwebsocket_fanout),
+    path("fanout/channels/", views.channels_fanout),
+]

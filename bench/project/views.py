@@ -1,0 +1,55 @@
+"""The same fan-out in both stacks: members join group "bench"; an HTTP request broadcasts."""
+
+import time
+
+from asgiref.sync import async_to_sync
+from channels.generic.websocket import AsyncWebsocketConsumer
+from channels.layers import get_channel_layer
+from django.http import HttpResponse
+
+from dwebsocket import broadcast, require_websocket
+
+GROUP = "bench"
+
+
+def health(request):
+    return HttpResponse("ok")
+
+
+@require_websocket
+async def member(request):
+    """dwebsocket: a member that only listens."""
+    ws = request.websocket
+    await ws.join(GROUP)
+    await ws.send("joined")
+    await ws.wait()
+
+
+def dwebsocket_fanout(request):
+    count = int(request.GET.get("n", "1"))
+    for index in range(count):
+        broadcast(GROUP, f"{index} {time.time()!r}")
+    return HttpResponse("ok")
+
+
+class Member(AsyncWebsocketConsumer):
+    """Channels: the same member, as a consumer."""
+
+    async def connect(self):
+        await self.channel_layer.group_add(GROUP, self.channel_name)
+        await self.accept()
+        await self.send(text_data="joined")
+
+    async def disconnect(self, code):
+        await self.channel_layer.group_discard(GROUP, self.channel_name)
+
+    async def bench_message(self, event):
+        await self.send(text_data=event["text"])
+
+
+def channels_fanout(request):
+    layer = get_channel_layer()
+    count = int(request.GET.get("n", "1"))
+    for index in range(count):
+        async_to_sync(layer.group_send)(GROUP, {"type": "bench.message", "text": f"{index} {time.time()!r}"})
+    return HttpResponse("ok")

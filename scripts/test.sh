@@ -46,5 +46,10 @@ for entry in $MATRIX; do
   marker=()
   if [ "$django" != "5.2" ] && [ -z "${DWS_MATRIX:-}" ]; then marker=(-m "not conformance"); fi
   "$venv/bin/python" -m pytest "${marker[@]}" "$@" || status=$?
+  if [ "$django" = "5.2" ]; then
+    echo "=== mypy (the public API is typed; py.typed ships)"
+    "$venv/bin/python" -m pip install -q "mypy>=1.10" "django-stubs>=5"
+    "$venv/bin/python" -m mypy --ignore-missing-imports src/dwebsocket || status=$?
+  fi
 done
 exit $status

@@ -13,7 +13,6 @@ import time
 
 import pytest
 from websockets.asyncio.client import connect as async_connect
-from websockets.exceptions import ConnectionClosed
 
 from .client import ws_connect
 from .servers import ROOT, WSGI_SERVERS, start_redis, start_server

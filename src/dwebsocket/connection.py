@@ -34,7 +34,10 @@ class Transport(Protocol):
         """Send one message from a coroutine."""
 
     def close(self, code: int, reason: str) -> None:
-        """Start the closing handshake."""
+        """Start the closing handshake from a thread."""
+
+    async def aclose(self, code: int, reason: str) -> None:
+        """Start the closing handshake from a coroutine."""
 
     def offer(self, encoded: Any) -> bool:
         """Queue a broadcast without waiting; ``False`` if it was not queued."""
@@ -81,7 +84,7 @@ class Connection:
         self._close_code: int | None = None
         self._close_reason = ""
         self._transport: Transport | None = None
-        self._listeners: set[Callable[[], None]] = set()
+        self._listeners: set[Callable[[], object]] = set()
         #: A unique id for this connection, across every process of a deployment.
         self.id = uuid.uuid4().hex
         # The groups this connection is in; changed by dwebsocket.groups only.
@@ -104,7 +107,7 @@ class Connection:
         for listener in self._listeners:
             listener()
 
-    def _listen(self, listener: Callable[[], None]) -> Callable[[], None]:
+    def _listen(self, listener: Callable[[], object]) -> Callable[[], None]:
         """Call *listener* on every change of the queue or state; returns the undo."""
         with self._cond:
             self._listeners.add(listener)
@@ -278,13 +281,13 @@ class Connection:
         from . import groups
 
         self._start()
-        groups.join_and_wait(self, group)
+        groups.wait_for(groups.join(self, group))
 
     def leave(self, group: str) -> None:
         """Remove this connection from *group*."""
         from . import groups
 
-        groups.leave_and_wait(self, group)
+        groups.wait_for(groups.leave(self, group))
 
     def __iter__(self) -> Iterator[Message]:
         """Yield each message until the connection closes."""

@@ -172,15 +172,14 @@ def join(connection: Connection, group: str) -> Broker | None:
     return None if broker.synchronous else broker
 
 
-def join_and_wait(connection: Connection, group: str) -> None:
-    """Join, and return once a broadcast from any process reaches the connection."""
-    broker = join(connection, group)
+def wait_for(broker: Broker | None) -> None:
+    """Block until *broker* took the join or leave that returned it (bounded)."""
     if broker is not None:
         broker.flush(_JOIN_TIMEOUT)
 
 
-async def ajoin_and_wait(connection: Connection, group: str) -> None:
-    broker = join(connection, group)
+async def await_for(broker: Broker | None) -> None:
+    """:func:`wait_for` without blocking the event loop."""
     if broker is not None:
         await asyncio.get_running_loop().run_in_executor(None, broker.flush, _JOIN_TIMEOUT)
 
@@ -195,19 +194,6 @@ def leave(connection: Connection, group: str) -> Broker | None:
         broker.unsubscribe(group)
     broker.remove_member(group, connection)
     return None if broker.synchronous else broker
-
-
-def leave_and_wait(connection: Connection, group: str) -> None:
-    """Leave, and return once presence everywhere no longer counts the connection."""
-    broker = leave(connection, group)
-    if broker is not None:
-        broker.flush(_JOIN_TIMEOUT)
-
-
-async def aleave_and_wait(connection: Connection, group: str) -> None:
-    broker = leave(connection, group)
-    if broker is not None:
-        await asyncio.get_running_loop().run_in_executor(None, broker.flush, _JOIN_TIMEOUT)
 
 
 def leave_all(connection: Connection, groups: Iterable[str]) -> None:

@@ -15,7 +15,7 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 from django.http.request import split_domain_port, validate_host
 from wsproto.events import AcceptConnection, RejectConnection, Request
-from wsproto.extensions import PerMessageDeflate
+from wsproto.extensions import Extension, PerMessageDeflate
 from wsproto.utilities import RemoteProtocolError
 
 from . import conf
@@ -62,13 +62,7 @@ class Handshake:
     """
 
     def __init__(self, request: HttpRequest) -> None:
-        origin = request.META.get("HTTP_ORIGIN")
-        if origin is not None and not origin_allowed(origin):
-            raise HandshakeError(
-                403,
-                f"WebSocket connections from origin {origin!r} are not allowed. Add it to "
-                "ALLOWED_HOSTS, CSRF_TRUSTED_ORIGINS or WEBSOCKET_ALLOWED_ORIGINS.",
-            )
+        check_origin(request)
         self.connection = wsproto.WSConnection(wsproto.ConnectionType.SERVER)
         try:
             self.connection.receive_data(_request_bytes(request))
@@ -104,9 +98,20 @@ class Handshake:
 
         Afterwards :attr:`connection` frames and parses messages.
         """
-        extensions = [PerMessageDeflate()] if compression else []
+        extensions: list[Extension] = [PerMessageDeflate()] if compression else []
         return self.connection.send(
             AcceptConnection(subprotocol=subprotocol, extensions=extensions)
+        )
+
+
+def check_origin(request: HttpRequest) -> None:
+    """Raise :class:`HandshakeError` (403) for a browser handshake from a foreign origin."""
+    origin = request.META.get("HTTP_ORIGIN")
+    if origin is not None and not origin_allowed(origin):
+        raise HandshakeError(
+            403,
+            f"WebSocket connections from origin {origin!r} are not allowed. Add it to "
+            "ALLOWED_HOSTS, CSRF_TRUSTED_ORIGINS or WEBSOCKET_ALLOWED_ORIGINS.",
         )
 
 

@@ -65,7 +65,7 @@ class WebSocketMiddleware:
         view_args: tuple[Any, ...],
         view_kwargs: dict[str, Any],
     ) -> HttpResponseBase | None:
-        if request.websocket is None:
+        if getattr(request, "websocket", None) is None:
             return None
         if iscoroutinefunction(view_func) and not self._async and gevent_patched():
             return HttpResponse(_ASYNC_UNDER_GEVENT, status=501, content_type="text/plain")

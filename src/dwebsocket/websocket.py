@@ -268,13 +268,13 @@ class AsyncWebSocket:
         from . import groups
 
         await self._ws._astart()
-        await groups.ajoin_and_wait(self._ws, group)
+        await groups.await_for(groups.join(self._ws, group))
 
     async def leave(self, group: str) -> None:
         """Remove this connection from *group*."""
         from . import groups
 
-        await groups.aleave_and_wait(self._ws, group)
+        await groups.await_for(groups.leave(self._ws, group))
 
     @property
     def id(self) -> str:
@@ -330,7 +330,7 @@ class AsyncWebSocket:
 def attach(request: HttpRequest) -> WebSocket | None:
     """Set ``request.websocket`` and ``request.is_websocket()``; idempotent."""
     if "websocket" in request.__dict__:
-        current = request.websocket
+        current = request.websocket  # type: ignore[attr-defined]
         return current._ws if isinstance(current, AsyncWebSocket) else current
     opener = getattr(request, "_dwebsocket_opener", None)
     if opener is None and is_websocket_request(request):

@@ -1,7 +1,6 @@
 # The seed guide's first chat view (Step 3), copied verbatim.
 # chat/views.py
 from dwebsocket import require_websocket
-from django.http import HttpResponse
 from django.shortcuts import render
 # This view serves the initial HTML page
 def chat_page(request):

@@ -162,7 +162,7 @@ class RedisBroker:
             return [Member(c.id, c.user_id) for c in self._registry.local(group)]
         members = []
         for raw in entries:
-            entry = json.loads(raw)
+            entry = json.loads(raw)  # type: ignore[arg-type]
             members.append(Member(entry["id"], entry.get("user")))
         return members
 

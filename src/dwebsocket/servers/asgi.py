@@ -37,7 +37,7 @@ from django.utils.module_loading import import_string
 
 from ..conf import Limits
 from ..connection import Connection, Message
-from ..handshake import HandshakeError, origin_allowed
+from ..handshake import check_origin
 
 logger = logging.getLogger("dwebsocket")
 
@@ -228,13 +228,7 @@ class AsgiOpener:
         self.accepted = False  # set on the loop, read after the view returned
 
     def prepare(self, request: Any) -> None:
-        origin = request.META.get("HTTP_ORIGIN")
-        if origin is not None and not origin_allowed(origin):
-            raise HandshakeError(
-                403,
-                f"WebSocket connections from origin {origin!r} are not allowed. Add it to "
-                "ALLOWED_HOSTS, CSRF_TRUSTED_ORIGINS or WEBSOCKET_ALLOWED_ORIGINS.",
-            )
+        check_origin(request)  # the server validated the rest of the handshake
 
     async def aopen(self, connection: Connection, subprotocol: str | None) -> AsgiTransport | None:
         try:

@@ -19,7 +19,7 @@ class WebSocketRequestHandler(basehttp.WSGIRequestHandler):
     """Django's request handler, plus the client socket in ``environ``."""
 
     def get_environ(self) -> dict[str, Any]:
-        environ = super().get_environ()
+        environ: dict[str, Any] = dict(super().get_environ())
         environ["dwebsocket.socket"] = self.request
         environ["dwebsocket.release"] = self._release_websocket
         return environ
@@ -40,4 +40,4 @@ def install() -> None:
         handler: type = type("WebSocketRequestHandler", (WebSocketRequestHandler, current), {})
     else:
         handler = WebSocketRequestHandler
-    basehttp.WSGIRequestHandler = handler  # type: ignore[misc]
+    basehttp.WSGIRequestHandler = handler  # type: ignore[misc,assignment]

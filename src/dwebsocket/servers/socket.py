@@ -82,7 +82,8 @@ class SocketTransport:
         with self._lock:
             if self._protocol.state is not ConnectionState.OPEN:
                 return False
-            return self._write(self._protocol.send(Message(data=message)))
+            data = self._protocol.send(Message(data=message))  # type: ignore[type-var]
+            return self._write(data)
 
     def offer(self, encoded: Encoded) -> bool:
         with self._outbox_cond:
@@ -125,7 +126,7 @@ class SocketTransport:
                 if self._protocol.state is not ConnectionState.OPEN:
                     return
                 if self._compressed:
-                    data = self._protocol.send(Message(data=encoded.message))
+                    data = self._protocol.send(Message(data=encoded.message))  # type: ignore[type-var]
                 else:
                     data = encoded.frame  # built once for every member of the broadcast
                 if not self._write(data):

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Runs a benchmark under bench/ side by side with the alternatives, in a virtualenv
+# of its own (.venvs/bench); needs redis-server (installed as for the tests).
+#
+#   scripts/bench.sh fanout                     # python -m bench.fanout
+#   scripts/bench.sh fanout --members 200
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/_python.sh
+name=${1:?which benchmark: fanout}
+shift
+if ! command -v redis-server >/dev/null 2>&1; then
+  [ "$(id -u)" = 0 ] && apt-get update -q >/dev/null && apt-get install -y -q redis-server >/dev/null
+fi
+venv=.venvs/bench
+if [ ! -x "$venv/bin/python" ]; then
+  py=$(find_python 3.11); "${py:-python3}" -m venv "$venv"
+fi
+"$venv/bin/python" -m pip install -q -e . -r requirements/bench.txt
+exec "$venv/bin/python" -m "bench.$name" "$@"

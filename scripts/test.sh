@@ -12,12 +12,18 @@ cd "$(dirname "$0")/.."
 
 MATRIX=${DWS_MATRIX:-"4.2:3.10 5.2:3.11 6.0:3.12"}
 
-# Debian packages the tests start: redis-server (the Redis broker's tests).
-if ! command -v redis-server >/dev/null 2>&1; then
+# Debian packages the tests start: redis-server (the Redis broker's tests) and
+# chromium (the browser tests, driven by Playwright; its own browser download
+# is not used).
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
-    apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server >/dev/null
+    apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null
   else
-    echo "The tests need redis-server: sudo apt-get install redis-server" >&2
+    echo "The tests need: sudo apt-get install ${missing[*]}" >&2
     exit 1
   fi
 fi

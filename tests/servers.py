@@ -143,13 +143,14 @@ class RunningServer:
 
 @contextmanager
 def start_server(
-    kind: str, env: dict[str, str] | None = None, project: str = "tests", migrate: bool = False
+    kind: str, env: dict[str, str] | None = None, project: str = "tests", migrate: bool = False,
+    port: int | None = None,
 ) -> Iterator[RunningServer]:
     """Start a server of *kind* (see SERVERS) serving *project*; stop it on exit.
 
     With *migrate*, the project's database (a fresh SQLite file) is migrated first.
     """
-    port = free_port()
+    port = port or free_port()
     proj = PROJECTS[project]
     log = tempfile.NamedTemporaryFile(prefix=f"dws-{kind}-", suffix=".log", delete=False)
     full_env = {

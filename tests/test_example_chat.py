@@ -41,7 +41,7 @@ def test_chat_page_and_room_on_one_url(kind):
     with start_server(kind, project="chat") as server:
         status, page = server.get("/ws/chat/")
         assert status == 200
-        assert "<h1>Simple Chat</h1>" in page and "new WebSocket(ws_path)" in page
+        assert "<h1>Simple Chat</h1>" in page and "new DWebSocket(ws_path)" in page
         chat(server)
         assert "Traceback" not in server.log_text()
 

@@ -42,6 +42,8 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error | Warni
     errors += _number_or_none("WEBSOCKET_PING_TIMEOUT")
     errors += _number_or_none("WEBSOCKET_CLOSE_TIMEOUT", allow_none=False)
     errors += _number_or_none("WEBSOCKET_BROADCAST_QUEUE", allow_none=False, integer=True)
+    errors += _number_or_none("WEBSOCKET_POLL_TIMEOUT", allow_none=False)
+    errors += _number_or_none("WEBSOCKET_POLL_EXPIRY", allow_none=False)
     overflow = conf.get("WEBSOCKET_BROADCAST_OVERFLOW")
     if overflow not in ("close", "drop"):
         errors.append(

@@ -43,6 +43,11 @@ DEFAULTS: dict[str, Any] = {
     # "close": close a client that falls behind with 1013 (try again later);
     # "drop": skip the broadcasts it has no room for.
     "WEBSOCKET_BROADCAST_OVERFLOW": "close",
+    # Long-polling: seconds a poll waits for messages before it answers empty.
+    "WEBSOCKET_POLL_TIMEOUT": 25.0,
+    # Long-polling: seconds without a poll after which a session expires
+    # (the view then sees the connection close with 1006).
+    "WEBSOCKET_POLL_EXPIRY": 15.0,
 }
 
 

@@ -11,6 +11,7 @@ from django.http.response import HttpResponseBase
 
 from . import conf
 from .decorators import arun_websocket_view, run_websocket_view
+from .servers import polling
 from .servers.wsgi import gevent_patched
 from .websocket import attach
 
@@ -27,6 +28,29 @@ _ASYNC_NOT_DECORATED = (
     "WEBSOCKET_ACCEPT_ALL covers sync views only under ASGI: decorate this async "
     "view with @accept_websocket or @require_websocket.\n"
 )
+
+
+def _polling_action(request: HttpRequest) -> str | None:
+    """The long-polling action this request asks for, if any (see servers/polling.py)."""
+    action = request.GET.get("dwebsocket")
+    if action is None:
+        return None
+    if action not in polling.ACTIONS:
+        return "invalid"
+    if action == "open":
+        if request.method != "POST":
+            return "invalid"
+        polling.prepare_open(request)
+    return action
+
+
+def _undecorated(view_func: Callable[..., Any]) -> Callable[..., Any]:
+    """An undecorated view, run as WEBSOCKET_ACCEPT_ALL runs it."""
+    if iscoroutinefunction(view_func):
+        async def arun(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+            return await arun_websocket_view(view_func, request, args, kwargs)
+        return arun
+    return lambda request, *args, **kwargs: run_websocket_view(view_func, request, args, kwargs)
 
 
 class WebSocketMiddleware:
@@ -50,10 +74,16 @@ class WebSocketMiddleware:
     def __call__(self, request: HttpRequest) -> Any:
         if self._async:
             return self.__acall__(request)
+        action = _polling_action(request)
+        if action not in (None, "open"):
+            return polling.handle(request, action)  # type: ignore[arg-type]
         attach(request)
         return self.get_response(request)
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
+        action = _polling_action(request)
+        if action not in (None, "open"):
+            return await polling.ahandle(request, action)  # type: ignore[arg-type]
         attach(request)
         response: Awaitable[HttpResponseBase] = self.get_response(request)
         return await response
@@ -67,6 +97,12 @@ class WebSocketMiddleware:
     ) -> HttpResponseBase | None:
         if getattr(request, "websocket", None) is None:
             return None
+        if getattr(request, "_dwebsocket_polling", None) is not None:
+            if not getattr(view_func, "accept_websocket", False) and not conf.get("WEBSOCKET_ACCEPT_ALL"):
+                return HttpResponseBadRequest(_NOT_ACCEPTED, content_type="text/plain")
+            if getattr(view_func, "accept_websocket", False):
+                return polling.start(view_func, request, view_args, view_kwargs)
+            return polling.start(_undecorated(view_func), request, view_args, view_kwargs)
         if iscoroutinefunction(view_func) and not self._async and gevent_patched():
             return HttpResponse(_ASYNC_UNDER_GEVENT, status=501, content_type="text/plain")
         if getattr(view_func, "accept_websocket", False):

@@ -24,6 +24,7 @@ def chat_view(request):
     try:
         for text in ws:  # ends when the client closes
             if isinstance(text, str) and text.strip():
+                print(f"{name}: {text}")  # the seed's views print what they receive too
                 broadcast(ROOM, json.dumps({"type": "message", "user": name, "text": text}), exclude=ws)
     finally:
         ws.leave(ROOM)

@@ -1,3 +1,4 @@
+from django.contrib.staticfiles.urls import staticfiles_urlpatterns
 from django.urls import path
 from django.views.generic import RedirectView
 
@@ -8,3 +9,6 @@ urlpatterns = [
     # The page and its WebSocket share this URL (@accept_websocket).
     path("ws/chat/", chat_views.chat_view, name="chat-view"),
 ]
+
+# dwebsocket.js under every server while DEBUG is on (runserver serves it anyway).
+urlpatterns += staticfiles_urlpatterns()

@@ -1,0 +1,286 @@
+/*
+ * dwebsocket.js: a WebSocket-like client for dwebsocket views, with a
+ * long-polling fallback and automatic reconnection. No build step, no
+ * dependencies. Load it as a classic script (window.DWebSocket) or import it
+ * as an ES module (export default / export { DWebSocket }).
+ *
+ *   const socket = new DWebSocket("/ws/chat/", {
+ *     protocols: [],                       // subprotocols, as for WebSocket
+ *     transports: ["websocket", "polling"], // tried in this order
+ *     reconnect: true,                     // or {initialDelay, maxDelay, maxBuffer}
+ *   });
+ *   socket.onopen / onmessage / onclose / onerror, addEventListener(...)
+ *   socket.send(text or ArrayBuffer/Blob/TypedArray), socket.close(code, reason)
+ *
+ * Differences from WebSocket, on purpose: after an unclean close it
+ * reconnects (with exponential backoff and jitter), firing "close" and then
+ * "open" again; messages sent while it is not open are kept (up to
+ * maxBuffer, 1000 by default) and sent in order once it is.
+ */
+(function (root) {
+  "use strict";
+
+  var CONNECTING = 0, OPEN = 1, CLOSING = 2, CLOSED = 3;
+
+  function absoluteUrl(url, scheme) {
+    var parsed = new URL(url, root.location.href);
+    if (scheme === "ws") {
+      parsed.protocol = parsed.protocol === "https:" || parsed.protocol === "wss:" ? "wss:" : "ws:";
+    } else {
+      parsed.protocol = parsed.protocol === "wss:" || parsed.protocol === "https:" ? "https:" : "http:";
+    }
+    return parsed;
+  }
+
+  function withParams(url, params) {
+    var parsed = new URL(url.toString());
+    Object.keys(params).forEach(function (key) { parsed.searchParams.set(key, params[key]); });
+    return parsed.toString();
+  }
+
+  function toBase64(buffer) {
+    var bytes = new Uint8Array(buffer), chunks = [], size = 0x8000;
+    for (var i = 0; i < bytes.length; i += size) {
+      chunks.push(String.fromCharCode.apply(null, bytes.subarray(i, i + size)));
+    }
+    return root.btoa(chunks.join(""));
+  }
+
+  function fromBase64(text) {
+    var binary = root.atob(text), bytes = new Uint8Array(binary.length);
+    for (var i = 0; i < binary.length; i++) bytes[i] = binary.charCodeAt(i);
+    return bytes.buffer;
+  }
+
+  /* -- the WebSocket transport --------------------------------------------- */
+
+  function WebSocketTransport(owner) {
+    var ws, opened = false;
+    this.name = "websocket";
+    this.start = function () {
+      if (typeof root.WebSocket !== "function") { owner._transportFailed(this, "no WebSocket"); return; }
+      try {
+        ws = new root.WebSocket(absoluteUrl(owner.url, "ws").toString(), owner._protocols);
+      } catch (error) { owner._transportFailed(this, error); return; }
+      ws.binaryType = "arraybuffer";
+      var self = this;
+      ws.onopen = function () { opened = true; owner._transportOpened(self, ws.protocol || ""); };
+      ws.onmessage = function (event) { owner._received(event.data); };
+      ws.onclose = function (event) {
+        if (!opened) owner._transportFailed(self, "handshake failed");
+        else owner._transportClosed(self, event.code, event.reason, event.wasClean);
+      };
+    };
+    this.send = function (data) { ws.send(data); };
+    this.close = function (code, reason) { try { ws.close(code, reason); } catch (e) { ws.close(); } };
+  }
+
+  /* -- the long-polling transport ---------------------------------------------- */
+
+  function PollingTransport(owner) {
+    var sid = null, closed = false, queue = [], sending = false, self = this;
+    var base = absoluteUrl(owner.url, "http");
+    this.name = "polling";
+
+    function request(method, action, body) {
+      var params = { dwebsocket: action };
+      if (sid) params.sid = sid;
+      return root.fetch(withParams(base, params), {
+        method: method,
+        credentials: "same-origin",
+        cache: "no-store",
+        headers: body === undefined ? {} : { "Content-Type": "application/json" },
+        body: body === undefined ? undefined : JSON.stringify(body),
+      });
+    }
+
+    function finish(code, reason, wasClean) {
+      if (closed) return;
+      closed = true;
+      owner._transportClosed(self, code, reason, wasClean);
+    }
+
+    function poll() {
+      if (closed) return;
+      request("GET", "poll").then(function (response) {
+        if (!response.ok) throw new Error("poll answered " + response.status);
+        return response.json();
+      }).then(function (batch) {
+        batch.messages.forEach(function (item) {
+          owner._received(item.text !== undefined ? item.text : fromBase64(item.binary));
+        });
+        if (batch.close) finish(batch.close.code, batch.close.reason, true);
+        else poll();
+      }).catch(function () { finish(1006, "", false); });
+    }
+
+    function flush() {
+      if (sending || closed || !queue.length) return;
+      sending = true;
+      var batch = queue.splice(0, queue.length);
+      request("POST", "send", { messages: batch }).then(function (response) {
+        if (!response.ok) throw new Error("send answered " + response.status);
+        sending = false;
+        flush();
+      }).catch(function () { sending = false; finish(1006, "", false); });
+    }
+
+    this.start = function () {
+      if (typeof root.fetch !== "function") { owner._transportFailed(this, "no fetch"); return; }
+      request("POST", "open", { protocols: owner._protocols }).then(function (response) {
+        if (!response.ok) throw new Error("open answered " + response.status);
+        return response.json();
+      }).then(function (opened) {
+        sid = opened.sid;
+        owner._transportOpened(self, opened.subprotocol || "");
+        poll();
+      }).catch(function (error) { owner._transportFailed(self, error); });
+    };
+    this.send = function (data) {
+      queue.push(typeof data === "string" ? { text: data } : { binary: toBase64(data) });
+      flush();
+    };
+    this.close = function (code, reason) {
+      if (closed) return;
+      request("POST", "close", { code: code || 1000, reason: reason || "" }).catch(function () {});
+      finish(code || 1000, reason || "", true);
+    };
+  }
+
+  var TRANSPORTS = { websocket: WebSocketTransport, polling: PollingTransport };
+
+  /* -- DWebSocket -------------------------------------------------------------- */
+
+  function DWebSocket(url, options) {
+    options = options || {};
+    var reconnect = options.reconnect === undefined ? true : options.reconnect;
+    this.url = url;
+    this.readyState = CONNECTING;
+    this.protocol = "";
+    this.transport = null; // "websocket" or "polling" once open
+    this.binaryType = "blob";
+    this.onopen = this.onmessage = this.onclose = this.onerror = null;
+    this._protocols = options.protocols || [];
+    this._transports = options.transports || ["websocket", "polling"];
+    this._reconnect = reconnect ? {
+      initialDelay: reconnect.initialDelay || 500,
+      maxDelay: reconnect.maxDelay || 10000,
+      maxBuffer: reconnect.maxBuffer || 1000,
+    } : null;
+    this._listeners = {};
+    this._buffer = [];
+    this._attempt = 0;
+    this._closedByUser = false;
+    this._connect(0);
+  }
+
+  DWebSocket.CONNECTING = DWebSocket.prototype.CONNECTING = CONNECTING;
+  DWebSocket.OPEN = DWebSocket.prototype.OPEN = OPEN;
+  DWebSocket.CLOSING = DWebSocket.prototype.CLOSING = CLOSING;
+  DWebSocket.CLOSED = DWebSocket.prototype.CLOSED = CLOSED;
+
+  DWebSocket.prototype.addEventListener = function (type, listener) {
+    (this._listeners[type] = this._listeners[type] || []).push(listener);
+  };
+  DWebSocket.prototype.removeEventListener = function (type, listener) {
+    this._listeners[type] = (this._listeners[type] || []).filter(function (l) { return l !== listener; });
+  };
+  DWebSocket.prototype._emit = function (type, fields) {
+    var event;
+    try { event = new root.Event(type); } catch (e) { event = { type: type }; }
+    Object.keys(fields || {}).forEach(function (key) {
+      Object.defineProperty(event, key, { value: fields[key], enumerable: true });
+    });
+    var handler = this["on" + type];
+    if (typeof handler === "function") handler.call(this, event);
+    (this._listeners[type] || []).slice().forEach(function (listener) { listener.call(this, event); }, this);
+  };
+
+  DWebSocket.prototype._connect = function (index) {
+    if (index >= this._transports.length) { this._lost(1006, "", false); return; }
+    var Transport = TRANSPORTS[this._transports[index]];
+    if (!Transport) { this._connect(index + 1); return; }
+    this._transportIndex = index;
+    this._pending = new Transport(this);
+    this._pending.start();
+  };
+
+  DWebSocket.prototype._transportFailed = function (transport, error) {
+    if (transport !== this._pending) return;
+    this._pending = null;
+    this._connect(this._transportIndex + 1);
+  };
+
+  DWebSocket.prototype._transportOpened = function (transport, protocol) {
+    if (transport !== this._pending) return;
+    this._active = transport;
+    this._pending = null;
+    this._attempt = 0;
+    this.transport = transport.name;
+    this.protocol = protocol;
+    if (this._closedByUser) { transport.close(1000, ""); return; }
+    this.readyState = OPEN;
+    this._emit("open");
+    var buffered = this._buffer.splice(0, this._buffer.length);
+    buffered.forEach(function (data) { transport.send(data); });
+  };
+
+  DWebSocket.prototype._received = function (data) {
+    if (typeof data !== "string" && this.binaryType === "blob" && typeof root.Blob === "function") {
+      data = new root.Blob([data]);
+    }
+    this._emit("message", { data: data });
+  };
+
+  DWebSocket.prototype._transportClosed = function (transport, code, reason, wasClean) {
+    if (transport !== this._active) return;
+    this._active = null;
+    this._lost(code, reason, wasClean);
+  };
+
+  DWebSocket.prototype._lost = function (code, reason, wasClean) {
+    var retry = this._reconnect && !this._closedByUser && !(wasClean && (code === 1000 || code === 1001));
+    // One "close" per lost connection: attempts to reconnect that fail stay quiet.
+    var announce = !retry || this._attempt === 0;
+    this.readyState = retry ? CONNECTING : CLOSED;
+    if (announce) {
+      if (!wasClean) this._emit("error");
+      this._emit("close", { code: code, reason: reason, wasClean: wasClean });
+    }
+    if (!retry) return;
+    var self = this, base = this._reconnect.initialDelay * Math.pow(2, this._attempt);
+    var delay = Math.min(this._reconnect.maxDelay, base) * (0.5 + Math.random() / 2);
+    this._attempt += 1;
+    root.setTimeout(function () { if (!self._closedByUser) self._connect(0); }, delay);
+  };
+
+  DWebSocket.prototype.send = function (data) {
+    if (this.readyState === CLOSED || this._closedByUser) throw new Error("DWebSocket is closed");
+    if (typeof data !== "string") {
+      if (data instanceof root.Blob) {
+        var self = this;
+        data.arrayBuffer().then(function (buffer) { self.send(buffer); });
+        return;
+      }
+      if (ArrayBuffer.isView(data)) data = data.buffer.slice(data.byteOffset, data.byteOffset + data.byteLength);
+    }
+    if (this.readyState === OPEN && this._active) { this._active.send(data); return; }
+    if (this._buffer.length >= (this._reconnect ? this._reconnect.maxBuffer : 1000)) {
+      throw new Error("DWebSocket: too many messages waiting for the connection");
+    }
+    this._buffer.push(data);
+  };
+
+  DWebSocket.prototype.close = function (code, reason) {
+    this._closedByUser = true;
+    if (this._active) {
+      this.readyState = CLOSING;
+      this._active.close(code || 1000, reason || "");
+    } else if (this.readyState !== CLOSED) {
+      this.readyState = CLOSED;
+      this._emit("close", { code: code || 1000, reason: reason || "", wasClean: true });
+    }
+  };
+
+  root.DWebSocket = DWebSocket;
+})(typeof window !== "undefined" ? window : globalThis);

@@ -1,0 +1,127 @@
+"""The chat page in headless Chromium (Debian's chromium, driven by Playwright).
+
+Screenshots of each test go to artifacts/screenshots/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import expect, sync_playwright
+
+from .servers import ROOT, free_port, start_server
+
+SCREENSHOTS = ROOT / "artifacts" / "screenshots"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+NO_WEBSOCKET = "delete window.WebSocket;"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    assert Path(CHROMIUM).exists(), "Chromium is missing: scripts/test.sh installs Debian's chromium"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@contextlib.contextmanager
+def chat_page(browser, server, name, without_websocket=False):
+    context = browser.new_context()
+    if without_websocket:
+        context.add_init_script(NO_WEBSOCKET)
+    page = context.new_page()
+    page.goto(f"{server.http}/ws/chat/?name={name}")
+    try:
+        yield page
+    finally:
+        context.close()
+
+
+def say(page, text):
+    page.fill("#input-box", text)
+    page.press("#input-box", "Enter")
+
+
+def shot(page, name):
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"))
+
+
+def messages(page):
+    return page.locator("#messages")
+
+
+@pytest.mark.parametrize("kind", ["runserver", "uvicorn"])
+def test_two_pages_chat_over_websocket(browser, kind):
+    with start_server(kind, project="chat") as server:
+        with chat_page(browser, server, "alice") as alice, chat_page(browser, server, "bob") as bob:
+            expect(alice.locator("#members")).to_have_text("2 in the room.", timeout=10_000)
+            assert alice.evaluate("chatSocket.transport") == "websocket"
+            say(alice, "hello bob")
+            expect(messages(bob)).to_contain_text("alice: hello bob", timeout=10_000)
+            say(bob, "hi alice ✓")
+            expect(messages(alice)).to_contain_text("bob: hi alice ✓", timeout=10_000)
+            shot(alice, f"websocket-{kind}-alice")
+            shot(bob, f"websocket-{kind}-bob")
+        assert "Traceback" not in server.log_text()
+
+
+@pytest.mark.parametrize("kind", ["runserver", "gthread", "uvicorn"])
+def test_a_page_without_websocket_chats_over_long_polling(browser, kind):
+    with start_server(kind, project="chat") as server:
+        with chat_page(browser, server, "carol", without_websocket=True) as carol, \
+                chat_page(browser, server, "dave") as dave:
+            expect(carol.locator("#members")).to_have_text("2 in the room.", timeout=15_000)
+            assert carol.evaluate("typeof window.WebSocket") == "undefined"
+            assert carol.evaluate("chatSocket.transport") == "polling"
+            assert dave.evaluate("chatSocket.transport") == "websocket"
+            say(carol, "sent over polling")
+            expect(messages(dave)).to_contain_text("carol: sent over polling", timeout=10_000)
+            say(dave, "received over polling")
+            expect(messages(carol)).to_contain_text("dave: received over polling", timeout=10_000)
+            shot(carol, f"polling-{kind}-carol")
+        assert "Traceback" not in server.log_text()
+
+
+@pytest.mark.parametrize("without_websocket", [False, True], ids=["websocket", "polling"])
+def test_pages_reconnect_after_a_server_restart(browser, without_websocket):
+    port = free_port()
+    server_cm = start_server("runserver", project="chat", port=port)
+    server = server_cm.__enter__()
+    try:
+        with chat_page(browser, server, "erin", without_websocket=without_websocket) as erin, \
+                chat_page(browser, server, "frank") as frank:
+            expect(erin.locator("#members")).to_have_text("2 in the room.", timeout=15_000)
+            server_cm.__exit__(None, None, None)  # the server goes away
+            expect(erin.locator("#members")).to_have_text("Reconnecting…", timeout=15_000)
+            expect(frank.locator("#members")).to_have_text("Reconnecting…", timeout=15_000)
+            say(erin, "typed during the outage")
+            shot(erin, f"outage-{'polling' if without_websocket else 'websocket'}")
+            server_cm = start_server("runserver", project="chat", port=port)
+            server = server_cm.__enter__()
+            # Both pages come back by themselves...
+            expect(erin.locator("#members")).to_have_text("2 in the room.", timeout=30_000)
+            expect(frank.locator("#members")).to_have_text("2 in the room.", timeout=30_000)
+            # ...the message typed meanwhile reached the server once erin was back...
+            deadline_text = "erin: typed during the outage"
+            for _ in range(100):
+                if deadline_text in server.log_text():
+                    break
+                erin.wait_for_timeout(100)
+            assert deadline_text in server.log_text()
+            # ...and the chat goes on both ways.
+            say(frank, "welcome back")
+            expect(messages(erin)).to_contain_text("frank: welcome back", timeout=10_000)
+            say(erin, "thanks")
+            expect(messages(frank)).to_contain_text("erin: thanks", timeout=10_000)
+            shot(erin, f"reconnected-{'polling' if without_websocket else 'websocket'}")
+    finally:
+        server_cm.__exit__(None, None, None)

@@ -1,0 +1,227 @@
+"""The long-polling transport, spoken from Python: the protocol dwebsocket.js uses."""
+
+from __future__ import annotations
+
+import base64
+import http.cookiejar
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+import pytest
+
+from .client import result
+from .servers import start_server
+
+
+class PollClient:
+    """A polling session, as dwebsocket.js opens it (with its own cookie jar)."""
+
+    def __init__(self, server, path, origin=None):
+        self.server = server
+        self.path = path
+        self.jar = http.cookiejar.CookieJar()
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.jar))
+        self.origin = origin if origin is not None else server.http
+        self.sid = None
+
+    def call(self, method, action, body=None, sid=None, raw=None):
+        sep = "&" if "?" in self.path else "?"
+        url = f"{self.server.http}{self.path}{sep}dwebsocket={action}"
+        if sid or self.sid:
+            url += f"&sid={sid or self.sid}"
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        headers = {"Content-Type": "application/json"}
+        if self.origin:
+            headers["Origin"] = self.origin
+        request = urllib.request.Request(url, data=data, method=method, headers=headers)
+        try:
+            with self.opener.open(request, timeout=60) as response:
+                text = response.read()
+                return response.status, (json.loads(text) if text else None)
+        except urllib.error.HTTPError as exc:
+            text = exc.read()
+            try:
+                return exc.code, json.loads(text)
+            except ValueError:
+                return exc.code, text.decode(errors="replace")
+
+    def open(self, protocols=()):
+        status, body = self.call("POST", "open", {"protocols": list(protocols)})
+        if status == 200:
+            self.sid = body["sid"]
+        return status, body
+
+    def send(self, *messages):
+        items = [{"text": m} if isinstance(m, str) else {"binary": base64.b64encode(m).decode()} for m in messages]
+        return self.call("POST", "send", {"messages": items})[0]
+
+    def poll(self):
+        status, body = self.call("GET", "poll")
+        assert status == 200, body
+        messages = [m["text"] if "text" in m else base64.b64decode(m["binary"]) for m in body["messages"]]
+        return messages, body["close"]
+
+    def receive(self, count):
+        got, close = [], None
+        while len(got) < count and close is None:
+            messages, close = self.poll()
+            got += messages
+        return got
+
+    def close(self, code=1000, reason=""):
+        return self.call("POST", "close", {"code": code, "reason": reason})[0]
+
+
+@pytest.fixture(scope="module", params=["gthread", "uvicorn", "runserver"])
+def polling_server(request):
+    env = {"DWS_TEST_POLL_TIMEOUT": "2", "DWS_TEST_POLL_EXPIRY": "2"}
+    with start_server(request.param, env=env, migrate=True) as server:
+        yield server
+
+
+def test_echo_in_order_text_and_binary(polling_server):
+    client = PollClient(polling_server, "/echo/")
+    assert client.open()[0] == 200
+    assert client.send("one", "two", "thrée ✓") == 204
+    assert client.send(b"\x00\xff binary") == 204
+    assert client.receive(4) == ["one", "two", "thrée ✓", b"\x00\xff binary"]
+    assert client.close() == 204
+
+
+def test_messages_are_batched(polling_server):
+    client = PollClient(polling_server, "/concurrent-send/?threads=2&count=50")
+    assert client.open()[0] == 200
+    batches = []
+    got = []
+    while "done" not in got:
+        messages, _ = client.poll()
+        batches.append(len(messages))
+        got += messages
+    assert len(got) == 101
+    assert max(batches) > 1  # more than one message per poll response
+    client.close()
+
+
+def test_the_same_view_code_sees_a_connection(polling_server):
+    client = PollClient(polling_server, "/page-or-socket/")
+    assert client.open()[0] == 200
+    client.send("x")
+    assert client.receive(1) == ["ws:x"]
+    client.close()
+
+
+def test_async_view_over_polling(polling_server):
+    key = uuid.uuid4().hex
+    client = PollClient(polling_server, f"/async-echo/?id={key}")
+    assert client.open()[0] == 200
+    client.send("async over polling")
+    assert client.receive(1) == ["async over polling"]
+    client.close(4001, "bye")
+    assert result(polling_server, key)["close_code"] == 4001
+
+
+def test_server_close_reaches_the_client(polling_server):
+    client = PollClient(polling_server, "/server-close/?code=4002")
+    assert client.open()[0] == 200
+    client.send("now")
+    messages, close = client.poll()
+    while close is None:
+        messages, close = client.poll()
+    assert close == {"code": 4002, "reason": "bye now"}
+
+
+def test_subprotocol(polling_server):
+    client = PollClient(polling_server, "/subprotocol/")
+    status, body = client.open(["chat.v1"])
+    assert status == 200 and body["subprotocol"] == "chat.v1"
+    assert client.receive(1) == ["subprotocol=chat.v1 protocol=chat.v1"]
+    client.close()
+
+
+def test_session_expires_when_polls_stop(polling_server):
+    key = uuid.uuid4().hex
+    client = PollClient(polling_server, f"/echo/?id={key}")
+    assert client.open()[0] == 200
+    client.send("then silence")
+    seen = result(polling_server, key)  # waits until the view has finished
+    assert seen["close_code"] == 1006 and seen["closed"] is True
+    assert client.call("GET", "poll")[0] == 404
+
+
+def test_wrong_or_unknown_session_and_malformed_requests(polling_server):
+    client = PollClient(polling_server, "/echo/")
+    assert client.open()[0] == 200
+    other = PollClient(polling_server, "/echo/")
+    assert other.call("GET", "poll", sid="not-a-session")[0] == 404
+    assert client.call("POST", "send", raw=b"{not json")[0] == 400
+    assert client.call("POST", "send", {"messages": [{"nope": 1}]})[0] == 400
+    assert client.call("POST", "send", {"messages": [{"binary": "***"}]})[0] == 400
+    assert client.call("GET", "send")[0] == 405
+    assert client.call("GET", "teleport")[0] == 400
+    assert client.call("GET", "open")[0] == 400  # open is a POST
+    client.close()
+
+
+def test_session_is_bound_to_the_client_session_cookie(polling_server):
+    client = PollClient(polling_server, "/echo/")
+    client.opener.open(f"{polling_server.http}/login-as/alice/").read()  # a Django session cookie
+    assert any(cookie.name == "sessionid" for cookie in client.jar)
+    assert client.open()[0] == 200
+    thief = PollClient(polling_server, "/echo/")  # knows the sid, not the cookie
+    thief.sid = client.sid
+    assert thief.call("GET", "poll")[0] == 404
+    assert thief.send("stolen") == 404
+    client.send("mine")
+    assert client.receive(1) == ["mine"]
+    client.close()
+
+
+def test_cross_site_requests_are_refused(polling_server):
+    evil = PollClient(polling_server, "/echo/", origin="https://evil.example")
+    assert evil.open()[0] == 403
+    client = PollClient(polling_server, "/echo/")
+    assert client.open()[0] == 200
+    forged = PollClient(polling_server, "/echo/", origin="https://evil.example")
+    forged.sid = client.sid
+    assert forged.send("forged") == 403
+    client.close()
+
+
+def test_oversized_post_is_refused_with_413(polling_server):
+    client = PollClient(polling_server, "/echo/")
+    assert client.open()[0] == 200
+    assert client.send("x" * (1024 * 1024 + 1)) == 413
+    _, close = client.poll()
+    assert close == {"code": 1009, "reason": "message too big"}
+
+
+def test_refusals_pass_through(polling_server):
+    assert PollClient(polling_server, "/refuses/").open()[0] == 403
+    assert PollClient(polling_server, "/plain/").open()[0] == 400
+
+
+def test_a_hundred_concurrent_sessions(polling_server):
+    errors = []
+
+    def one(index):
+        try:
+            client = PollClient(polling_server, "/echo/")
+            assert client.open()[0] == 200
+            client.send(f"hello {index}")
+            assert client.receive(1) == [f"hello {index}"]
+            client.close()
+        except Exception as exc:  # collected and reported below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(100)]
+    for thread in threads:
+        thread.start()
+        if polling_server.kind == "runserver":
+            time.sleep(0.02)  # Django's development server listens with a backlog of 10
+    for thread in threads:
+        thread.join(120)
+    assert errors == []

@@ -32,6 +32,8 @@ _ASYNC_NOT_DECORATED = (
 
 def _polling_action(request: HttpRequest) -> str | None:
     """The long-polling action this request asks for, if any (see servers/polling.py)."""
+    if "dwebsocket=" not in request.META.get("QUERY_STRING", ""):
+        return None  # every plain request: no query parsing here
     action = request.GET.get("dwebsocket")
     if action is None:
         return None

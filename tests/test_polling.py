@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.cookiejar
 import json
 import threading
@@ -14,7 +15,7 @@ import uuid
 import pytest
 
 from .client import result
-from .servers import start_server
+from .servers import start_redis, start_server
 
 
 class PollClient:
@@ -76,11 +77,15 @@ class PollClient:
         return self.call("POST", "close", {"code": code, "reason": reason})[0]
 
 
-@pytest.fixture(scope="module", params=["gthread", "uvicorn", "runserver"])
+@pytest.fixture(scope="module", params=["gthread", "uvicorn", "runserver", "gthread+redis", "uvicorn+redis"])
 def polling_server(request):
+    """A server; "+redis": with the Redis broker, so sessions live in Redis."""
+    kind, _, redis = request.param.partition("+")
     env = {"DWS_TEST_POLL_TIMEOUT": "2", "DWS_TEST_POLL_EXPIRY": "2"}
-    with start_server(request.param, env=env, migrate=True) as server:
-        yield server
+    with contextlib.ExitStack() as stack:
+        if redis:
+            env["DWS_TEST_BROKER"] = stack.enter_context(start_redis()).url
+        yield stack.enter_context(start_server(kind, env=env, migrate=True))
 
 
 def test_echo_in_order_text_and_binary(polling_server):
@@ -149,7 +154,9 @@ def test_session_expires_when_polls_stop(polling_server):
     client.send("then silence")
     seen = result(polling_server, key)  # waits until the view has finished
     assert seen["close_code"] == 1006 and seen["closed"] is True
-    assert client.call("GET", "poll")[0] == 404
+    status, body = client.call("GET", "poll")
+    # Gone (in one process), or, with Redis, still there long enough to say why.
+    assert status == 404 or (status == 200 and body["close"]["code"] == 1006), (status, body)
 
 
 def test_wrong_or_unknown_session_and_malformed_requests(polling_server):
@@ -225,3 +232,37 @@ def test_a_hundred_concurrent_sessions(polling_server):
     for thread in threads:
         thread.join(120)
     assert errors == []
+
+
+def test_polls_alternate_between_two_processes_through_redis():
+    """With Redis, any process serves any session: no sticky sessions needed."""
+    with start_redis() as redis_server:
+        env = {"DWS_TEST_BROKER": redis_server.url, "DWS_TEST_POLL_TIMEOUT": "1"}
+        with start_server("gthread", env=env) as first, start_server("uvicorn", env=env) as second:
+            key = uuid.uuid4().hex
+            client = PollClient(first, f"/echo/?id={key}")
+            assert client.open()[0] == 200  # the view runs in the first process
+            for n in range(6):
+                client.server = (first, second)[n % 2]  # alternate every request
+                assert client.send(f"message {n}") == 204
+                client.server = (second, first)[n % 2]
+                assert client.receive(1) == [f"message {n}"]
+            client.server = second
+            assert client.close(4007, "done") == 204
+            assert result(first, key)["close_code"] == 4007
+            # A chat across the two: a polling client on the second process and a
+            # WebSocket client on the first, in one group.
+            from .client import ws_connect
+
+            with ws_connect(first, "/group/mixed/") as ws:
+                assert ws.recv(timeout=5).startswith("joined ")
+                poller = PollClient(second, "/group/mixed/")
+                assert poller.open()[0] == 200
+                assert poller.receive(1)[0].startswith("joined ")
+                poller.server = first
+                poller.send("from polling")
+                assert ws.recv(timeout=10) == "from polling"
+                ws.send("from websocket")
+                poller.server = second
+                assert poller.receive(1) == ["from websocket"]
+                poller.close()

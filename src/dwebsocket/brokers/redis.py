@@ -67,7 +67,12 @@ class RedisBroker:
     def __init__(self, url: str, registry: _Registry) -> None:
         self._url = url
         self._registry = registry
-        self._redis = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
+        # A blocking pool: a burst of broadcasts from many threads waits for a
+        # connection rather than failing (redis-py's default pool raises at 100).
+        pool = redis.BlockingConnectionPool.from_url(
+            url, max_connections=1000, timeout=5, socket_connect_timeout=2, socket_timeout=5
+        )
+        self._redis = redis.Redis(connection_pool=pool)
         # Guarded by _lock: what the listener must do next, and local presence.
         self._lock = threading.Lock()
         self._wanted: set[str] = set()

@@ -84,10 +84,18 @@ class PollingSession:
         self._polling = 0
         self._last_seen = time.monotonic()
         self._listeners: set[Any] = set()  # wake-ups of async polls, called under _cond
+        # With a Redis broker the queues live in Redis (servers/polling_shared.py).
+        self.shared: Any = None
+        self.finished = False
 
     # -- the view's side (through PollingTransport) -----------------------------
 
     def push(self, message: Message) -> bool:
+        if self.shared is not None:
+            if self.finished:
+                return False
+            self.shared.push(self.sid, _encode(message))
+            return True
         with self._cond:
             if self._close is not None:
                 return False
@@ -100,9 +108,14 @@ class PollingSession:
 
     def close(self, code: int, reason: str) -> None:
         with self._cond:
-            if self._close is None:
+            first = self._close is None
+            if first:
                 self._close = {"code": code, "reason": reason}
+            self.finished = True
             self._changed()
+        if first and self.shared is not None:
+            self.shared.push(self.sid, {"close": {"code": code, "reason": reason}})
+            self.shared.finished(self)
         if self.connection is not None:
             self.connection._closed(code, reason)
 
@@ -169,6 +182,22 @@ class PollingSession:
     def expired(self, now: float, grace: float) -> bool:
         with self._cond:
             return self._polling == 0 and now - self._last_seen > grace
+
+
+class _RemoteSession:
+    """A session whose queues are in Redis, as a poll, send or close request sees it."""
+
+    def __init__(self, shared: Any, sid: str, binding: str | None, owner: str) -> None:
+        self.shared = shared
+        self.sid = sid
+        self.binding = binding
+        self.owner = owner
+
+    def take(self, timeout: float) -> dict[str, Any]:
+        return self.shared.take(self.sid, timeout)  # type: ignore[no-any-return]
+
+    async def atake(self, timeout: float) -> dict[str, Any]:
+        return await self.shared.atake(self.sid, timeout)  # type: ignore[no-any-return]
 
 
 class PollingTransport:
@@ -300,7 +329,12 @@ def start(view: Any, request: HttpRequest, args: tuple[Any, ...], kwargs: dict[s
             session.accepted.set()  # wake the open request if it still waits
             signals.request_finished.send(sender=PollingSession)
 
-    sessions.add(session)
+    shared = shared_sessions()
+    if shared is not None:
+        session.shared = shared
+        shared.create(session)
+    else:
+        sessions.add(session)
     threading.Thread(target=run, name="dwebsocket-polling-view", daemon=True).start()
     session.accepted.wait(_OPEN_TIMEOUT)
     if session.refusal is not None or session.connection is None:
@@ -309,10 +343,36 @@ def start(view: Any, request: HttpRequest, args: tuple[Any, ...], kwargs: dict[s
     return JsonResponse({"sid": session.sid, "subprotocol": opener.subprotocol})
 
 
+_shared: Any = None  # (url, SharedSessions) for the current WEBSOCKET_BROKER; guarded by _shared_lock
+_shared_lock = threading.Lock()
+
+
+def shared_sessions() -> Any:
+    """The Redis session store when WEBSOCKET_BROKER is Redis, else None."""
+    global _shared
+    url = conf.get("WEBSOCKET_BROKER")
+    if not (isinstance(url, str) and url.startswith(("redis://", "rediss://", "unix://"))):
+        return None
+    with _shared_lock:
+        if _shared is None or _shared[0] != url:
+            from .polling_shared import SharedSessions
+
+            _shared = (url, SharedSessions(url))
+        return _shared[1]
+
+
 def _find(request: HttpRequest, action: str) -> tuple[PollingSession | None, HttpResponseBase | None]:
     if action not in ("poll", "send", "close"):
         return None, _error(400, f"?dwebsocket= takes one of {', '.join(ACTIONS)}; open with POST")
-    session = sessions.get(request.GET.get("sid"))
+    sid = request.GET.get("sid") or ""
+    shared = shared_sessions()
+    session: Any
+    if shared is not None:
+        # Any process serves the session: a stand-in that reaches its queues in Redis.
+        found = shared.lookup(sid) if sid else None
+        session = None if found is None else _RemoteSession(shared, sid, found[0] or None, found[1])
+    else:
+        session = sessions.get(sid)
     if session is None or session.binding != _binding(request):
         return None, _error(404, "unknown or expired polling session; open a new one")
     try:
@@ -363,16 +423,25 @@ def handle(request: HttpRequest, action: str) -> HttpResponseBase:
             messages = [_decode(item) for item in body["messages"]]
     except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as exc:
         return _error(400, f"malformed {action} request: {exc}")
-    if action == "close":
+    too_big = limit is not None and any(
+        (len(m) if isinstance(m, bytes) else len(m.encode("utf-8"))) > limit for m in messages
+    )
+    if too_big:
+        action, code, reason = "close", 1009, "message too big"
+    if isinstance(session, _RemoteSession):
+        # The view runs in the process that opened the session: its queue is in Redis.
+        if action == "close":
+            session.shared.send(session.sid, session.owner, [{"close": {"code": code, "reason": reason}}])
+        else:
+            session.shared.send(session.sid, session.owner, [_encode(m) for m in messages])
+    elif action == "close":
         session.close(code, reason)
-        sessions.remove(session)
-        return HttpResponse(status=204)
-    connection = session.connection
-    assert connection is not None
-    for message in messages:
-        size = len(message) if isinstance(message, bytes) else len(message.encode("utf-8"))
-        if limit is not None and size > limit:
-            session.close(1009, "message too big")
-            return _error(413, f"a message is larger than WEBSOCKET_MAX_MESSAGE_SIZE ({limit})")
-        connection._deliver(message)  # waits while the view's queue is full
+        if not too_big:  # the client still polls for the 1009 close
+            sessions.remove(session)
+    else:
+        assert session.connection is not None
+        for message in messages:
+            session.connection._deliver(message)  # waits while the view's queue is full
+    if too_big:
+        return _error(413, f"a message is larger than WEBSOCKET_MAX_MESSAGE_SIZE ({limit})")
     return HttpResponse(status=204)

@@ -45,7 +45,8 @@ def wstest_path() -> str:
 
 def run_cases(server: str, cases: list[str], out: Path, timeout: float) -> Counter:
     env = {"DJANGO_SETTINGS_MODULE": "conformance.settings"}
-    with start_server(server, env=env) as running:
+    # The server must outlive the whole run (a full run takes 15-30 minutes).
+    with start_server(server, env=env, max_seconds=int(timeout) + 60) as running:
         spec = {
             "outdir": str(out),
             "servers": [{"agent": f"dwebsocket-{server}", "url": f"ws://127.0.0.1:{running.port}/echo/"}],

@@ -144,7 +144,7 @@ class RunningServer:
 @contextmanager
 def start_server(
     kind: str, env: dict[str, str] | None = None, project: str = "tests", migrate: bool = False,
-    port: int | None = None,
+    port: int | None = None, max_seconds: int = MAX_SECONDS,
 ) -> Iterator[RunningServer]:
     """Start a server of *kind* (see SERVERS) serving *project*; stop it on exit.
 
@@ -167,7 +167,7 @@ def start_server(
             cwd=proj.directory, env=full_env, check=True, timeout=120,
         )
     process = subprocess.Popen(
-        ["timeout", "-k", "5", str(MAX_SECONDS), *{**SERVERS, **UNSUPPORTED}[kind](port, proj)],
+        ["timeout", "-k", "5", str(max_seconds), *{**SERVERS, **UNSUPPORTED}[kind](port, proj)],
         cwd=proj.directory, env=full_env, stdout=log, stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL, start_new_session=True,
     )

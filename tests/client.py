@@ -20,5 +20,5 @@ def ws_connect(server: RunningServer, path: str, **kwargs: Any) -> ClientConnect
 
 def result(server: RunningServer, key: str) -> dict[str, Any]:
     """What the view of the connection with ?id=key recorded when it finished."""
-    with urllib.request.urlopen(f"{server.http}/result/{key}/", timeout=15) as response:
+    with urllib.request.urlopen(f"{server.http}/result/{key}/", timeout=30) as response:
         return json.loads(response.read())

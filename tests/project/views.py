@@ -28,7 +28,7 @@ def health(request):
 
 def result(request, key):
     """What the WebSocket view with ?id=key recorded, once it has finished."""
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         with _results_lock:
             found = _results.get(key)

@@ -179,6 +179,11 @@ class PollingSession:
         for wake in self._listeners:
             wake()
 
+    def touch(self) -> None:
+        """Start the expiry clock afresh (when the open request is answered)."""
+        with self._cond:
+            self._last_seen = time.monotonic()
+
     def expired(self, now: float, grace: float) -> bool:
         with self._cond:
             return self._polling == 0 and now - self._last_seen > grace
@@ -340,6 +345,7 @@ def start(view: Any, request: HttpRequest, args: tuple[Any, ...], kwargs: dict[s
     if session.refusal is not None or session.connection is None:
         sessions.remove(session)
         return session.refusal or _error(503, "the view did not accept the connection in time")
+    session.touch()
     return JsonResponse({"sid": session.sid, "subprotocol": opener.subprotocol})
 
 

@@ -165,10 +165,6 @@ class WebSocket(Connection):
             self._accepted = True
         self._closed(1006)
 
-    @property
-    def _opened_by_view(self) -> bool:
-        return self._accepted and self._transport is not None
-
     def _finish(self) -> HttpResponseBase:
         """End the connection after the view returned; the response for the server.
 

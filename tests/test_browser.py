@@ -59,6 +59,15 @@ def messages(page):
     return page.locator("#messages")
 
 
+def expect_members(page, text, timeout):
+    """Like expect(...).to_have_text on the member count, with the page's log on failure."""
+    try:
+        expect(page.locator("#members")).to_have_text(text, timeout=timeout)
+    except AssertionError as error:
+        log = messages(page).inner_text()
+        raise AssertionError(f"{error}\nThe page's messages:\n{log}") from None
+
+
 @pytest.mark.parametrize("kind", ["runserver", "uvicorn"])
 def test_two_pages_chat_over_websocket(browser, kind):
     with start_server(kind, project="chat") as server:
@@ -108,8 +117,8 @@ def test_pages_reconnect_after_a_server_restart(browser, without_websocket):
             server_cm = start_server("runserver", project="chat", port=port)
             server = server_cm.__enter__()
             # Both pages come back by themselves...
-            expect(erin.locator("#members")).to_have_text("2 in the room.", timeout=30_000)
-            expect(frank.locator("#members")).to_have_text("2 in the room.", timeout=30_000)
+            expect_members(erin, "2 in the room.", timeout=30_000)
+            expect_members(frank, "2 in the room.", timeout=30_000)
             # ...the message typed meanwhile reached the server once erin was back...
             deadline_text = "erin: typed during the outage"
             for _ in range(100):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
+import threading
 
 import pytest
 
@@ -51,3 +53,28 @@ def test_chat_across_two_processes_through_redis():
         env = {"CHAT_REDIS_URL": redis_server.url}
         with start_server("gthread", env=env, project="chat") as a, start_server("uvicorn", env=env, project="chat") as b:
             chat(a, b)
+
+
+@pytest.mark.parametrize("kind", ["runserver", "uvicorn"])
+def test_member_count_settles_on_the_true_count_when_many_join_at_once(kind):
+    # Every page shows the count of the newest presence message it got. When
+    # members join at the same moment, the last one each page gets must be the
+    # full count, not one taken before the others had joined.
+    members = 16
+    with start_server(kind, project="chat") as server, contextlib.ExitStack() as stack:
+        barrier = threading.Barrier(members)
+
+        def join(index):
+            barrier.wait()
+            return stack.enter_context(ws_connect(server, f"/ws/chat/?name=m{index}"))
+
+        with concurrent.futures.ThreadPoolExecutor(members) as pool:
+            clients = list(pool.map(join, range(members)))
+        quiet = 2.0  # the first page waits for the announcements to stop, the rest have theirs
+        for client in clients:
+            last = None
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    last = next_of_type(client, "presence", timeout=quiet)
+            quiet = 0.2
+            assert last is not None and last["members"] == members, last

@@ -1,6 +1,7 @@
 """The seed guide's chat, done with groups: the page and the socket on one URL."""
 
 import json
+import threading
 
 from django.shortcuts import render
 
@@ -8,9 +9,17 @@ from dwebsocket import accept_websocket, broadcast, group_size
 
 ROOM = "lobby"
 
+# Announcements go out one at a time, each with the count taken inside the
+# lock: otherwise a count taken just before another member joined could reach
+# the pages after that member's newer one, and every page would keep showing
+# the stale count. (With several processes over Redis, counts from different
+# processes can still cross; the next announcement corrects them.)
+_announcing = threading.Lock()
+
 
 def _announce(text):
-    broadcast(ROOM, json.dumps({"type": "presence", "text": text, "members": group_size(ROOM)}))
+    with _announcing:
+        broadcast(ROOM, json.dumps({"type": "presence", "text": text, "members": group_size(ROOM)}))
 
 
 @accept_websocket

@@ -125,6 +125,20 @@ def test_message_over_the_limit_closes_with_1009(server):
     assert result(server, key)["closed"] is True
 
 
+# Where dwebsocket does the framing (WSGI) it inflates only up to the limit. Of
+# the ASGI servers, which inflate themselves, uvicorn answers 1009 at once;
+# hypercorn stalls the connection for 20 s, daphne drops it (docs/servers.md).
+@pytest.mark.servers("runserver", "gthread", "gevent", "uvicorn")
+def test_a_deflate_bomb_closes_with_1009(server):
+    key = new_id()
+    with ws_connect(server, f"/echo/?id={key}", compression="deflate") as ws:
+        ws.send(bytes(64 * 1024 * 1024))  # 64 MiB of zeros: 64 KiB on the wire
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=10)
+        assert closed.value.rcvd.code == 1009
+    assert result(server, key)["closed"] is True
+
+
 def test_ping_is_answered(server):
     with ws_connect(server, "/echo/") as ws:
         for payload in (b"", b"abc", b"x" * 125):

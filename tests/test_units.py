@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import struct
 import threading
 import time
+import zlib
 
 import pytest
 from django.core.checks import run_checks
 from django.test import RequestFactory, override_settings
+from wsproto.events import BytesMessage, CloseConnection
 
 from dwebsocket.connection import CLOSED, Connection, check_close_code
 from dwebsocket.handshake import Handshake, HandshakeError, is_websocket_request, origin_allowed
@@ -306,3 +309,52 @@ def test_broadcast_frame_is_built_once_and_matches_wsproto():
     assert encoded.frame == b"\x81\x02hi"
     assert encoded.frame is encoded.frame
     assert Encoded(b"\x00" * 200).frame[:4] == b"\x82\x7e\x00\xc8"
+
+
+def compressed_frame(payload: bytes) -> bytes:
+    """One binary client frame, permessage-deflate compressed, with a zero mask."""
+    compressor = zlib.compressobj(wbits=-15)
+    body = compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    assert body.endswith(b"\x00\x00\xff\xff")
+    body = body[:-4]
+    if len(body) < 126:
+        length = struct.pack("!B", 0x80 | len(body))
+    elif len(body) < 65536:
+        length = struct.pack("!BH", 0x80 | 126, len(body))
+    else:
+        length = struct.pack("!BQ", 0x80 | 127, len(body))
+    return b"\xc2" + length + b"\x00\x00\x00\x00" + body
+
+
+def inflate_through(limit, frame):
+    """Feed *frame* in 64 KiB reads to an accepted server connection; (bytes seen, close code)."""
+    handshake = Handshake(handshake_request(HTTP_SEC_WEBSOCKET_EXTENSIONS="permessage-deflate"))
+    handshake.accept(None, compression=True, max_message_size=limit)
+    seen, code = 0, None
+    for start in range(0, len(frame), 65536):
+        handshake.connection.receive_data(frame[start:start + 65536])
+        for event in handshake.connection.events():
+            if isinstance(event, BytesMessage):
+                seen += len(event.data)
+            elif isinstance(event, CloseConnection):
+                code = event.code
+        if code is not None:
+            break
+    return seen, code
+
+
+def test_a_deflate_bomb_is_not_inflated_past_the_message_size_limit():
+    limit = 1024 * 1024
+    bomb = compressed_frame(bytes(256 * limit))  # 256 MiB of zeros in about 256 KiB
+    assert len(bomb) < limit
+    seen, code = inflate_through(limit, bomb)
+    assert code == 1009
+    assert seen <= limit + 1
+
+
+def test_a_compressed_message_at_the_limit_inflates_whole():
+    limit = 1024 * 1024
+    seen, code = inflate_through(limit, compressed_frame(b"x" * limit))
+    assert (seen, code) == (limit, None)
+    seen, code = inflate_through(None, compressed_frame(b"x" * 4 * limit))
+    assert (seen, code) == (4 * limit, None)

@@ -7,7 +7,9 @@ an ASGI scope); wsproto validates it as a WebSocket handshake and writes the
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterable, Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 import wsproto
@@ -16,6 +18,7 @@ from django.http import HttpRequest, HttpResponse
 from django.http.request import split_domain_port, validate_host
 from wsproto.events import AcceptConnection, RejectConnection, Request
 from wsproto.extensions import Extension, PerMessageDeflate
+from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import RemoteProtocolError
 
 from . import conf
@@ -93,15 +96,63 @@ class Handshake:
                 return offered
         return None
 
-    def accept(self, subprotocol: str | None, *, compression: bool) -> bytes:
+    def accept(
+        self, subprotocol: str | None, *, compression: bool, max_message_size: int | None = None
+    ) -> bytes:
         """Return the bytes of the ``101 Switching Protocols`` response.
 
-        Afterwards :attr:`connection` frames and parses messages.
+        Afterwards :attr:`connection` frames and parses messages; with
+        *compression*, a compressed message that inflates past
+        *max_message_size* fails the connection with 1009.
         """
-        extensions: list[Extension] = [PerMessageDeflate()] if compression else []
+        extensions: list[Extension] = (
+            [_BoundedDeflate(max_message_size)] if compression else []
+        )
         return self.connection.send(
             AcceptConnection(subprotocol=subprotocol, extensions=extensions)
         )
+
+
+class _BoundedDeflate(PerMessageDeflate):
+    """permessage-deflate that stops inflating a message at the size limit.
+
+    A few kilobytes of deflate can inflate to gigabytes (a "deflate bomb");
+    the reader's own size check only sees what inflating already produced, so
+    the bound has to be here: each frame inflates to at most the rest of the
+    message's allowance, plus one byte to tell "exactly at the limit" from
+    "over it".
+    """
+
+    def __init__(self, max_message_size: int | None) -> None:
+        super().__init__()
+        self._max_message_size = max_message_size
+        self._inflated = 0  # of the message being received; owned by the reader
+
+    def frame_inbound_payload_data(self, proto: Any, data: bytes) -> bytes | CloseReason:
+        limit = self._max_message_size
+        if limit is None or not (self._inbound_compressed and self._inbound_is_compressible):
+            return super().frame_inbound_payload_data(proto, data)
+        assert self._decompressor is not None
+        try:
+            inflated = self._decompressor.decompress(bytes(data), limit - self._inflated + 1)
+        except zlib.error:
+            return CloseReason.INVALID_FRAME_PAYLOAD_DATA
+        return self._count(inflated)
+
+    def frame_inbound_complete(self, proto: Any, fin: bool) -> bytes | CloseReason | None:
+        result = super().frame_inbound_complete(proto, fin)
+        if isinstance(result, bytes):
+            result = self._count(result)
+        if fin:
+            self._inflated = 0
+        return result
+
+    def _count(self, inflated: bytes) -> bytes | CloseReason:
+        self._inflated += len(inflated)
+        limit = self._max_message_size
+        if limit is not None and self._inflated > limit:
+            return CloseReason.MESSAGE_TOO_BIG
+        return inflated
 
 
 def check_origin(request: HttpRequest) -> None:

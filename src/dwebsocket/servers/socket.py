@@ -264,7 +264,10 @@ class SocketTransport:
                         out += protocol.send(event.response())  # the client closed first
                     elif protocol.state is ConnectionState.OPEN:
                         # wsproto found a protocol error: fail the connection.
-                        out += protocol.send(CloseConnection(code=event.code, reason=event.reason))
+                        reason = "message too big" if event.code == 1009 else event.reason
+                        out += protocol.send(CloseConnection(code=event.code, reason=reason))
+                        ended = event.code, reason or ""
+                        break
                     ended = event.code, event.reason or ""
                     break
             if out:

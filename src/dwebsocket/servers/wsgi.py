@@ -127,7 +127,9 @@ class WsgiOpener:
         assert self._handshake is not None and self._loan is not None
         limits: Limits = connection._limits  # type: ignore[attr-defined]
         sock = self._loan.sock
-        answer = self._handshake.accept(subprotocol, compression=limits.compression)
+        answer = self._handshake.accept(
+            subprotocol, compression=limits.compression, max_message_size=limits.max_message_size
+        )
         try:
             prepare_socket(sock)
             sock.sendall(answer)

@@ -15,7 +15,7 @@ import uuid
 import pytest
 
 from .client import result
-from .servers import start_redis, start_server
+from .servers import ASGI_SERVERS, start_redis, start_server
 
 
 class PollClient:
@@ -128,7 +128,10 @@ def test_async_view_over_polling(polling_server):
     client.send("async over polling")
     assert client.receive(1) == ["async over polling"]
     client.close(4001, "bye")
-    assert result(polling_server, key)["close_code"] == 4001
+    outcome = result(polling_server, key)
+    assert outcome["close_code"] == 4001
+    if polling_server.kind in ASGI_SERVERS:  # on the event loop: no thread held
+        assert outcome["thread"] == "MainThread"
 
 
 def test_server_close_reaches_the_client(polling_server):

@@ -358,3 +358,17 @@ def test_a_compressed_message_at_the_limit_inflates_whole():
     assert (seen, code) == (limit, None)
     seen, code = inflate_through(None, compressed_frame(b"x" * 4 * limit))
     assert (seen, code) == (4 * limit, None)
+
+
+def test_the_middleware_process_view_is_a_coroutine_in_an_async_stack():
+    # Django awaits a coroutine process_view on the event loop; a sync one would
+    # send every request through a thread first.
+    from asgiref.sync import iscoroutinefunction
+
+    from dwebsocket.middleware import WebSocketMiddleware
+
+    async def get_response(request):
+        return None
+
+    assert iscoroutinefunction(WebSocketMiddleware(get_response).process_view)
+    assert not iscoroutinefunction(WebSocketMiddleware(lambda request: None).process_view)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from asgiref.sync import async_to_sync, iscoroutinefunction, markcoroutinefunction
+from asgiref.sync import async_to_sync, iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
 from django.http.response import HttpResponseBase
 
@@ -55,6 +55,15 @@ def _undecorated(view_func: Callable[..., Any]) -> Callable[..., Any]:
     return lambda request, *args, **kwargs: run_websocket_view(view_func, request, args, kwargs)
 
 
+def _polling_view(view_func: Callable[..., Any]) -> Callable[..., Any] | HttpResponseBase:
+    """The view to run for a polling session, or the response that refuses it."""
+    if getattr(view_func, "accept_websocket", False):
+        return view_func
+    if conf.get("WEBSOCKET_ACCEPT_ALL"):
+        return _undecorated(view_func)
+    return HttpResponseBadRequest(_NOT_ACCEPTED, content_type="text/plain")
+
+
 class WebSocketMiddleware:
     """Set ``request.websocket`` and ``request.is_websocket()`` on every request.
 
@@ -72,6 +81,9 @@ class WebSocketMiddleware:
         self._async = iscoroutinefunction(get_response)
         if self._async:
             markcoroutinefunction(self)
+            # Django awaits a coroutine process_view on the event loop; a sync
+            # one would cost every request a trip to its thread-sensitive thread.
+            self.process_view = self._aprocess_view  # type: ignore[method-assign, assignment]
 
     def __call__(self, request: HttpRequest) -> Any:
         if self._async:
@@ -90,6 +102,25 @@ class WebSocketMiddleware:
         response: Awaitable[HttpResponseBase] = self.get_response(request)
         return await response
 
+    async def _aprocess_view(
+        self,
+        request: HttpRequest,
+        view_func: Callable[..., Any],
+        view_args: tuple[Any, ...],
+        view_kwargs: dict[str, Any],
+    ) -> HttpResponseBase | None:
+        """:meth:`process_view` in an async stack."""
+        if getattr(request, "websocket", None) is None:
+            return None
+        if getattr(request, "_dwebsocket_polling", None) is not None:
+            target = _polling_view(view_func)
+            if isinstance(target, HttpResponseBase):
+                return target
+            return await polling.astart(target, request, view_args, view_kwargs)
+        return await sync_to_async(type(self).process_view, thread_sensitive=True)(
+            self, request, view_func, view_args, view_kwargs
+        )
+
     def process_view(
         self,
         request: HttpRequest,
@@ -100,11 +131,10 @@ class WebSocketMiddleware:
         if getattr(request, "websocket", None) is None:
             return None
         if getattr(request, "_dwebsocket_polling", None) is not None:
-            if not getattr(view_func, "accept_websocket", False) and not conf.get("WEBSOCKET_ACCEPT_ALL"):
-                return HttpResponseBadRequest(_NOT_ACCEPTED, content_type="text/plain")
-            if getattr(view_func, "accept_websocket", False):
-                return polling.start(view_func, request, view_args, view_kwargs)
-            return polling.start(_undecorated(view_func), request, view_args, view_kwargs)
+            target = _polling_view(view_func)
+            if isinstance(target, HttpResponseBase):
+                return target
+            return polling.start(target, request, view_args, view_kwargs)
         if iscoroutinefunction(view_func) and not self._async and gevent_patched():
             return HttpResponse(_ASYNC_UNDER_GEVENT, status=501, content_type="text/plain")
         if getattr(view_func, "accept_websocket", False):

@@ -188,7 +188,7 @@ async def async_echo(request):
     async for message in ws:
         await ws.send(message)
     _record(request, close_code=ws.close_code, closed=ws.closed, connected=ws.connected,
-            kind=type(ws).__name__, finished=True)
+            kind=type(ws).__name__, finished=True, thread=threading.current_thread().name)
 
 
 # Async broadcast: the AsyncWebSocket objects of every open connection.

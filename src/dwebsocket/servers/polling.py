@@ -17,8 +17,10 @@ that lets a request reach a session, so ``send`` and ``close`` are safe from
 CSRF without a token. A session whose client stops polling expires, and the
 view sees the connection close (1006).
 
-Sessions live in the process that opened them: behind several processes,
-polling needs sticky sessions (see docs/polling.md).
+Sessions live in the process that opened them, unless ``WEBSOCKET_BROKER`` is
+Redis: then their queues live in Redis and any process serves any request
+(``servers/polling_shared.py``). Under an ASGI server nothing here holds a
+thread while it waits: ``open`` awaits the view's accept, ``poll`` its messages.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import asyncio
 import base64
 import binascii
 import json
+import logging
 import secrets
 import threading
 import time
@@ -42,6 +45,8 @@ from django.http.response import HttpResponseBase
 from .. import conf
 from ..connection import Connection, Message
 from ..handshake import HandshakeError, check_origin
+
+logger = logging.getLogger("dwebsocket")
 
 ACTIONS = ("open", "poll", "send", "close")
 _OPEN_TIMEOUT = 10.0  # seconds the open request waits for the view to accept or refuse
@@ -66,6 +71,52 @@ def _decode(item: Any) -> Message:
     raise ValueError("a message is {\"text\": str} or {\"binary\": base64}")
 
 
+class _Accepted:
+    """Set once, when the view accepted the session or ended without accepting.
+
+    A thread (:meth:`wait`) or a coroutine (:meth:`await_set`) can wait for it.
+    ``_lock`` guards ``_wakes``, the wake-ups of waiting coroutines.
+    """
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._wakes: list[Any] = []
+
+    def set(self) -> None:
+        with self._lock:
+            self._event.set()
+            wakes, self._wakes = self._wakes, []
+        for wake in wakes:
+            wake()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float) -> bool:
+        return self._event.wait(timeout)
+
+    async def await_set(self, timeout: float) -> bool:
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def resolve() -> None:
+            if not done.done():
+                done.set_result(True)
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(resolve)
+
+        with self._lock:
+            if self._event.is_set():
+                return True
+            self._wakes.append(wake)
+        try:
+            return await asyncio.wait_for(done, timeout)
+        except asyncio.TimeoutError:
+            return self._event.is_set()
+
+
 class PollingSession:
     """One client's session: its outbound queue, and the view's connection.
 
@@ -76,7 +127,7 @@ class PollingSession:
         self.sid = secrets.token_urlsafe(24)
         self.binding = binding
         self.connection: Connection | None = None
-        self.accepted = threading.Event()
+        self.accepted = _Accepted()
         self.refusal: HttpResponseBase | None = None
         self._cond = threading.Condition()
         self._outbox: deque[dict[str, str]] = deque()
@@ -215,13 +266,18 @@ class PollingTransport:
         return self._session.push(message)
 
     async def asend(self, message: Message) -> bool:
+        if self._session.shared is not None:  # a Redis round trip: off the loop
+            return await sync_to_async(self._session.push, thread_sensitive=False)(message)
         return self._session.push(message)
 
     def close(self, code: int, reason: str) -> None:
         self._session.close(code, reason)
 
     async def aclose(self, code: int, reason: str) -> None:
-        self._session.close(code, reason)
+        if self._session.shared is not None:
+            await sync_to_async(self._session.close, thread_sensitive=False)(code, reason)
+        else:
+            self._session.close(code, reason)
 
     def offer(self, encoded: Any) -> bool:
         return self._session.push(encoded.message)
@@ -314,34 +370,92 @@ def prepare_open(request: HttpRequest) -> None:
 
 def start(view: Any, request: HttpRequest, args: tuple[Any, ...], kwargs: dict[str, Any]) -> HttpResponseBase:
     """Run *view* for a polling session in a thread of its own; answer the open request."""
+    session = _register(request)
+    threading.Thread(
+        target=_run_view, args=(session, view, request, args, kwargs),
+        name="dwebsocket-polling-view", daemon=True,
+    ).start()
+    session.accepted.wait(_OPEN_TIMEOUT)
+    return _answer(request, session)
+
+
+async def astart(view: Any, request: HttpRequest, args: tuple[Any, ...], kwargs: dict[str, Any]) -> HttpResponseBase:
+    """:func:`start` under an ASGI server: the open request holds no thread.
+
+    A sync view gets a thread of its own, as under WSGI; an async view runs
+    as a task on the server's event loop.
+    """
+    if shared_sessions() is not None:  # a Redis round trip: off the loop
+        session = await sync_to_async(_register, thread_sensitive=False)(request)
+    else:
+        session = _register(request)
+    if iscoroutinefunction(view):
+        task = asyncio.ensure_future(_arun_view(session, view, request, args, kwargs))
+        _view_tasks.add(task)
+        task.add_done_callback(_view_tasks.discard)
+    else:
+        threading.Thread(
+            target=_run_view, args=(session, view, request, args, kwargs),
+            name="dwebsocket-polling-view", daemon=True,
+        ).start()
+    await session.accepted.await_set(_OPEN_TIMEOUT)
+    return _answer(request, session)
+
+
+# The tasks of async polling views, kept referenced until they end (the event
+# loop holds tasks only weakly). Touched on the event loop only.
+_view_tasks: set[asyncio.Future[None]] = set()
+
+
+def _register(request: HttpRequest) -> PollingSession:
+    """Make the request's session findable by its polls (here, or in Redis)."""
     session: PollingSession = request._dwebsocket_polling  # type: ignore[attr-defined]
-    opener: PollingOpener = request._dwebsocket_opener  # type: ignore[attr-defined]
-    finished = threading.Event()
-
-    def run() -> None:
-        try:
-            call = async_to_sync(view) if iscoroutinefunction(view) else view
-            response = call(request, *args, **kwargs)
-            if not session.accepted.is_set():
-                session.refusal = response
-        except Exception:
-            if not session.accepted.is_set():
-                session.refusal = HttpResponse("Internal Server Error\n", status=500)
-            else:
-                session.close(1011, "internal error")
-        finally:
-            finished.set()
-            session.accepted.set()  # wake the open request if it still waits
-            signals.request_finished.send(sender=PollingSession)
-
     shared = shared_sessions()
     if shared is not None:
         session.shared = shared
         shared.create(session)
     else:
         sessions.add(session)
-    threading.Thread(target=run, name="dwebsocket-polling-view", daemon=True).start()
-    session.accepted.wait(_OPEN_TIMEOUT)
+    return session
+
+
+def _run_view(session: PollingSession, view: Any, request: HttpRequest, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """The life of a polling session's view, in its own thread."""
+    try:
+        call = async_to_sync(view) if iscoroutinefunction(view) else view
+        _ended(session, response=call(request, *args, **kwargs))
+    except Exception:
+        logger.exception("dwebsocket: error in the view of a polling session")
+        _ended(session, failed=True)
+    finally:
+        session.accepted.set()  # wake the open request if it still waits
+        signals.request_finished.send(sender=PollingSession)
+
+
+async def _arun_view(session: PollingSession, view: Any, request: HttpRequest, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """The life of a polling session's async view, on the event loop."""
+    try:
+        _ended(session, response=await view(request, *args, **kwargs))
+    except Exception:
+        logger.exception("dwebsocket: error in the view of a polling session")
+        _ended(session, failed=True)
+    finally:
+        session.accepted.set()
+        # Django's own handlers (closing database connections) are sync.
+        await sync_to_async(signals.request_finished.send, thread_sensitive=True)(sender=PollingSession)
+
+
+def _ended(session: PollingSession, response: Any = None, failed: bool = False) -> None:
+    """The view returned *response* (or raised): a refusal, or the end of the session."""
+    if not session.accepted.is_set():
+        session.refusal = HttpResponse("Internal Server Error\n", status=500) if failed else response
+    elif failed:
+        session.close(1011, "internal error")
+
+
+def _answer(request: HttpRequest, session: PollingSession) -> HttpResponseBase:
+    """The answer to the open request, once the view accepted, refused or timed out."""
+    opener: PollingOpener = request._dwebsocket_opener  # type: ignore[attr-defined]
     if session.refusal is not None or session.connection is None:
         sessions.remove(session)
         return session.refusal or _error(503, "the view did not accept the connection in time")

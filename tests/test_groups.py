@@ -201,10 +201,11 @@ def test_broadcast_from_a_plain_python_process_and_the_management_command(redis_
 
 def test_presence_across_processes_counts_comings_goings_and_vanished_clients(redis_server):
     env = {"DWS_TEST_PING_INTERVAL": "0.5", "DWS_TEST_PING_TIMEOUT": "0.5"}
-    with two_servers(redis_server, kinds=("gthread", "runserver"), **env) as (first, second):
-        a = ws_connect(first, "/group/room/")
-        b = ws_connect(first, "/group/room/")
-        c = ws_connect(second, "/group/room/")
+    with two_servers(redis_server, kinds=("gthread", "runserver"), **env) as (first, second), \
+            contextlib.ExitStack() as stack:
+        a = stack.enter_context(ws_connect(first, "/group/room/"))
+        b = stack.enter_context(ws_connect(first, "/group/room/"))
+        c = stack.enter_context(ws_connect(second, "/group/room/"))
         ids = sorted(joined(x) for x in (a, b, c))
         wait_for(lambda: presence(second, "room")["size"] == 3, what="3 members")
         assert presence(first, "room")["members"] == ids

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar, overload
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from django.core import signals
 from django.http import HttpRequest, HttpResponseBadRequest
 from django.http.response import HttpResponseBase
 
@@ -34,6 +35,8 @@ def _view_failed(websocket: WebSocket, view: Callable[..., Any]) -> bool:
         websocket._refuse()
         return True  # Django answers the handshake with its usual 500 page
     logger.exception("dwebsocket: error in WebSocket view %s", _name(view))
+    # As Django does for any view's error (error reporters, the test client).
+    signals.got_request_exception.send(sender=None, request=websocket._request)
     return False
 
 

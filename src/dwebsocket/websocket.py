@@ -328,7 +328,8 @@ def attach(request: HttpRequest) -> WebSocket | None:
     if "websocket" in request.__dict__:
         current = request.websocket  # type: ignore[attr-defined]
         return current._ws if isinstance(current, AsyncWebSocket) else current
-    opener = getattr(request, "_dwebsocket_opener", None)
+    # A polling session's or dwebsocket.testing's opener, else the WSGI server's.
+    opener = getattr(request, "_dwebsocket_opener", None) or request.META.get("dwebsocket.opener")
     if opener is None and is_websocket_request(request):
         from .servers.wsgi import WsgiOpener
 

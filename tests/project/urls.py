@@ -21,6 +21,7 @@ urlpatterns = [
     path("noop/", views.noop),
     path("big/", views.big),
     path("whoami/", views.whoami),
+    path("signup/", views.signup),
     path("concurrent-send/", views.concurrent_send),
     path("undecorated-echo/", views.undecorated_echo),
     path("async-echo/", views.async_echo),

@@ -155,6 +155,17 @@ def whoami(request):
 
 
 @require_websocket
+def signup(request):
+    """Creates a user per message; the count after two (dwebsocket.testing's tests)."""
+    from django.contrib.auth.models import User
+
+    for count, name in enumerate(request.websocket, start=1):
+        User.objects.create_user(name)
+        if count == 2:
+            request.websocket.send(f"{count} signed up")
+
+
+@require_websocket
 def concurrent_send(request):
     """Sends from many threads at once: frames must never interleave."""
     ws = request.websocket

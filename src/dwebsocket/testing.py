@@ -1,0 +1,394 @@
+"""Test your WebSocket views without a server, the way ``django.test.Client`` tests the others.
+
+::
+
+    from django.test import TestCase
+    from dwebsocket.testing import WebSocketClient
+
+    class EchoTests(TestCase):
+        def test_echo(self):
+            client = WebSocketClient()
+            with client.connect("/echo/") as ws:
+                ws.send("hello")
+                self.assertEqual(ws.receive(), "You said: hello")
+
+The request goes through the project's whole middleware stack and URL
+resolver, and the view gets the same ``request.websocket`` as under a real
+server; only the bytes stay in memory. The view runs in a thread of its own
+(as under a server) that uses the test's database connections, so it sees the
+data of a ``TestCase``, as views called by ``django.test.Client`` do.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import queue
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from http.cookies import SimpleCookie
+from types import TracebackType
+from typing import Any
+
+from django.core import signals
+from django.db import connections
+from django.http import HttpRequest, HttpResponse
+from django.http.response import HttpResponseBase
+from django.test import Client, RequestFactory
+from django.test.client import ClientHandler
+
+from .connection import Connection, Message, check_close_code, check_message
+from .handshake import Handshake
+
+__all__ = ["ClientConnection", "HandshakeRefused", "WebSocketClient"]
+
+_OPENER_KEY = "dwebsocket.opener"  # the environ key that carries the in-memory opener
+
+
+class HandshakeRefused(Exception):
+    """The view (or a middleware) answered the handshake with a plain HTTP response.
+
+    :attr:`response` is that response: a 400 from ``@require_websocket``, a
+    403, a login redirect, a 404 for a URL that matches no view...
+    """
+
+    def __init__(self, response: HttpResponseBase) -> None:
+        super().__init__(f"the WebSocket handshake was refused with {response.status_code}")
+        self.response = response
+        self.status_code = response.status_code
+
+
+class WebSocketClient:
+    """Opens WebSocket connections to the project's views, in memory.
+
+    Holds cookies like ``django.test.Client``: :meth:`login` and
+    :meth:`force_login` make the connections it opens belong to that user.
+    *headers* are sent with every handshake; with *raise_view_exception*
+    (the default, as for ``django.test.Client``) an exception raised by a
+    view is raised again in the test.
+    """
+
+    def __init__(
+        self, *, headers: dict[str, str] | None = None, raise_view_exception: bool = True
+    ) -> None:
+        self._http = Client(headers=headers)
+        self._headers = dict(headers or {})
+        self._handler = ClientHandler(enforce_csrf_checks=False)
+        self._handler_lock = threading.Lock()  # guards _handler_loaded
+        self._handler_loaded = False
+        self.raise_view_exception = raise_view_exception
+
+    @property
+    def cookies(self) -> SimpleCookie:
+        """The cookies sent with each handshake (shared with :attr:`http`)."""
+        return self._http.cookies
+
+    @property
+    def http(self) -> Client:
+        """A ``django.test.Client`` with the same cookies, for plain requests."""
+        return self._http
+
+    def login(self, **credentials: Any) -> bool:
+        """Log in as ``django.test.Client.login`` does."""
+        return self._http.login(**credentials)
+
+    def force_login(self, user: Any, backend: str | None = None) -> None:
+        """Log *user* in without credentials, as ``django.test.Client.force_login`` does."""
+        self._http.force_login(user, backend)
+
+    def logout(self) -> None:
+        """Log out, as ``django.test.Client.logout`` does."""
+        self._http.logout()
+
+    def connect(
+        self,
+        path: str,
+        data: dict[str, Any] | None = None,
+        *,
+        subprotocols: Sequence[str] = (),
+        headers: dict[str, str] | None = None,
+        timeout: float = 5.0,
+    ) -> ClientConnection:
+        """Open a connection to the view at *path*, with *data* as its query string.
+
+        Returns once the view accepted the connection (its first use of
+        ``request.websocket``). Raises :class:`HandshakeRefused` if it answered
+        with a response instead, the view's exception if it raised first, and
+        ``TimeoutError`` if it did neither within *timeout* seconds.
+        """
+        handshake = {
+            "Upgrade": "websocket",
+            "Connection": "Upgrade",
+            "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(),
+            "Sec-WebSocket-Version": "13",
+        }
+        if subprotocols:
+            handshake["Sec-WebSocket-Protocol"] = ", ".join(subprotocols)
+        all_headers = {"Host": "testserver", **self._headers, **handshake, **(headers or {})}
+        request = RequestFactory().get(path, data, headers=all_headers)
+        environ = dict(request.environ)
+        cookies = "; ".join(f"{m.key}={m.coded_value}" for m in self.cookies.values())
+        if cookies:
+            environ["HTTP_COOKIE"] = cookies
+        connection = ClientConnection(self)
+        environ[_OPENER_KEY] = _InMemoryOpener(connection)
+        with self._handler_lock:
+            if not self._handler_loaded:  # at the first connect, as django.test.Client does
+                self._handler.load_middleware()
+                self._handler_loaded = True
+        connection._run(self._handler, environ)
+        connection._wait_open(timeout)
+        return connection
+
+
+class ClientConnection:
+    """The test's end of a connection; the view's end is ``request.websocket``.
+
+    It has the same shape: :meth:`send` returns ``False`` once closed and
+    :meth:`receive` returns ``None`` once closed, so a test reads like the view.
+    """
+
+    def __init__(self, client: WebSocketClient) -> None:
+        self._client = client
+        # Messages and the close from the view, in order; put by the view's
+        # thread (or loop), taken by the test's thread.
+        self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
+        # Guarded by _lock: the view's connection, the close, and how the view ended.
+        self._lock = threading.Lock()
+        self._server: Connection | None = None
+        self._close: tuple[int, str] | None = None
+        self._opened = threading.Event()
+        self._finished = threading.Event()
+        self._response: HttpResponseBase | None = None
+        self._exception: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self.subprotocol: str | None = None
+        """The subprotocol the view agreed to, or ``None``."""
+
+    # -- the test's side ----------------------------------------------------
+
+    def send(self, message: Message) -> bool:
+        """Send ``str`` as text or ``bytes`` as binary to the view; ``False`` once closed.
+
+        Waits while the view's queue is full (``WEBSOCKET_MAX_QUEUE``), as a
+        real client waits for the server to read.
+        """
+        message = check_message(message)
+        with self._lock:
+            server = self._server if self._close is None else None
+        if server is None:
+            return False
+        server._deliver(message)
+        return True
+
+    def receive(self, timeout: float = 5.0) -> Message | None:
+        """The next message from the view; ``None`` once the connection is closed.
+
+        Raises ``TimeoutError`` if the view sends nothing for *timeout*
+        seconds while the connection is open, and the view's exception if it
+        raised.
+        """
+        try:
+            kind, value = self._inbox.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"the view sent nothing for {timeout} s") from None
+        if kind == "close":
+            self._inbox.put((kind, value))  # every later receive() sees the close too
+            self._join(timeout)
+            self._raise_view_exception()
+            return None
+        return value  # type: ignore[no-any-return]
+
+    def close(self, code: int = 1000, reason: str = "", timeout: float = 5.0) -> None:
+        """Close from the client's side and wait for the view to return.
+
+        Once it returns, whatever the view did on the close (saving, leaving
+        a group) is done. Raises the view's exception if it raised.
+        """
+        check_close_code(code, reason)
+        self._close_and_join(code, reason, timeout)
+        self._raise_view_exception()
+
+    @property
+    def closed(self) -> bool:
+        """Whether either side closed the connection."""
+        with self._lock:
+            return self._close is not None
+
+    @property
+    def close_code(self) -> int | None:
+        """The close code, once closed: the view's, or the test's if it closed first."""
+        with self._lock:
+            return None if self._close is None else self._close[0]
+
+    @property
+    def close_reason(self) -> str:
+        """The close reason, once closed."""
+        with self._lock:
+            return "" if self._close is None else self._close[1]
+
+    def __iter__(self) -> Iterator[Message]:
+        """The messages from the view until it closes."""
+        while (message := self.receive()) is not None:
+            yield message
+
+    def __enter__(self) -> ClientConnection:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # the test failed already: close, and let its own error through
+            self._close_and_join(1000, "", 5.0)
+
+    def _close_and_join(self, code: int, reason: str, timeout: float) -> None:
+        with self._lock:
+            server = self._server
+            first = self._close is None
+            if first:
+                self._close = (code, reason)
+        if first:
+            self._inbox.put(("close", (code, reason)))
+            if server is not None:
+                server._closed(code, reason)
+        self._join(timeout)
+
+    # -- the view's side (through _InMemoryOpener and _InMemoryTransport) -------
+
+    def _run(self, handler: ClientHandler, environ: dict[str, Any]) -> None:
+        """Run the request in a thread that uses this thread's database connections."""
+        shared = [connections[alias] for alias in connections]
+        for db in shared:
+            db.inc_thread_sharing()
+
+        def record(sender: Any, request: HttpRequest | None = None, **kwargs: Any) -> None:
+            if request is not None and request.META.get(_OPENER_KEY) is environ[_OPENER_KEY]:
+                with self._lock:
+                    self._exception = sys.exc_info()[1]
+
+        def run() -> None:
+            for db in shared:
+                connections[db.alias] = db
+            signals.got_request_exception.connect(record, weak=False)
+            response: HttpResponseBase
+            try:
+                response = handler(environ)
+            except BaseException as exc:  # noqa: BLE001 - reported to the test thread
+                with self._lock:
+                    self._exception = self._exception or exc
+                response = HttpResponse(status=500)
+            finally:
+                signals.got_request_exception.disconnect(record)
+                for db in shared:
+                    db.dec_thread_sharing()
+            with self._lock:
+                self._response = response
+                if self._close is None:
+                    self._close = (1006, "")
+                    self._inbox.put(("close", self._close))
+            self._finished.set()
+            self._opened.set()
+
+        self._thread = threading.Thread(target=run, name="dwebsocket-test-view", daemon=True)
+        self._thread.start()
+
+    def _wait_open(self, timeout: float) -> None:
+        if not self._opened.wait(timeout):
+            raise TimeoutError(f"the view neither accepted nor refused the connection in {timeout} s")
+        with self._lock:
+            server = self._server
+            response = self._response
+        if server is None:
+            self._join(timeout)
+            self._raise_view_exception()
+            assert response is not None
+            raise HandshakeRefused(response)
+
+    def _join(self, timeout: float) -> None:
+        if self._thread is not None and not self._finished.wait(timeout):
+            raise TimeoutError(f"the view did not return within {timeout} s of the close")
+
+    def _raise_view_exception(self) -> None:
+        with self._lock:
+            exception, self._exception = self._exception, None
+        if exception is not None and self._client.raise_view_exception:
+            raise exception
+
+    def _accepted(self, server: Connection, subprotocol: str | None) -> None:
+        with self._lock:
+            self._server = server
+            self.subprotocol = subprotocol
+        self._opened.set()
+
+    def _from_view(self, message: Message) -> bool:
+        with self._lock:
+            if self._close is not None:
+                return False
+            self._inbox.put(("message", message))
+            return True
+
+    def _closed_by_view(self, code: int, reason: str) -> None:
+        with self._lock:
+            if self._close is not None:
+                return
+            self._close = (code, reason)
+            self._inbox.put(("close", self._close))
+
+
+class _InMemoryOpener:
+    """Answers the handshake of a :class:`WebSocketClient` connection."""
+
+    def __init__(self, client_side: ClientConnection) -> None:
+        self._client_side = client_side
+        self.offered_subprotocols: list[str] = []
+
+    def prepare(self, request: HttpRequest) -> None:
+        # The same validation (and Origin check) as under a server.
+        self.offered_subprotocols = Handshake(request).offered_subprotocols
+
+    def open(self, connection: Connection, subprotocol: str | None) -> _InMemoryTransport:
+        transport = _InMemoryTransport(self._client_side, connection)
+        connection._opened(transport)
+        self._client_side._accepted(connection, subprotocol)
+        return transport
+
+    async def aopen(self, connection: Connection, subprotocol: str | None) -> _InMemoryTransport:
+        return self.open(connection, subprotocol)
+
+    def finish(self, transport: _InMemoryTransport | None) -> HttpResponseBase:
+        if transport is not None:
+            transport.close(1000, "")
+        return HttpResponse(status=101)
+
+    async def afinish(self, transport: _InMemoryTransport | None) -> HttpResponseBase:
+        return self.finish(transport)
+
+
+class _InMemoryTransport:
+    """Carries one connection's messages from the view to the test."""
+
+    def __init__(self, client_side: ClientConnection, connection: Connection) -> None:
+        self._client_side = client_side
+        self._connection = connection
+
+    def send(self, message: Message) -> bool:
+        return self._client_side._from_view(message)
+
+    async def asend(self, message: Message) -> bool:
+        return self.send(message)
+
+    def close(self, code: int, reason: str) -> None:
+        self._client_side._closed_by_view(code, reason)
+        self._connection._closed(code, reason)
+
+    async def aclose(self, code: int, reason: str) -> None:
+        self.close(code, reason)
+
+    def offer(self, encoded: Any) -> bool:
+        return self.send(encoded.message)

@@ -7,6 +7,7 @@ user's TestCase with Django's test runner (database, login).
 from __future__ import annotations
 
 import concurrent.futures
+import time
 import uuid
 
 import pytest
@@ -164,3 +165,15 @@ def test_many_connections_at_once(client):
 
     with concurrent.futures.ThreadPoolExecutor(20) as pool:
         list(pool.map(talk, range(20), timeout=60))  # re-raises a failed assertion
+
+
+@override_settings(WEBSOCKET_MAX_QUEUE=2)
+def test_send_waits_while_the_views_queue_is_full(client):
+    with client.connect("/sleepy-echo/") as ws:  # takes a message, sleeps 0.5 s, echoes
+        assert ws.send("1") and ws.send("2") and ws.send("3")  # "1" taken, 2 queued
+        started = time.monotonic()
+        assert ws.send("4")  # waits for room: the view takes "2" after its sleep
+        assert time.monotonic() - started > 0.2
+        with pytest.raises(TimeoutError):
+            ws.send("5", timeout=0.05)  # full again until the next sleep ends
+        assert [ws.receive() for _ in range(4)] == ["1", "2", "3", "4"]

@@ -26,6 +26,7 @@ import os
 import queue
 import sys
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from http.cookies import SimpleCookie
 from types import TracebackType
@@ -168,18 +169,23 @@ class ClientConnection:
 
     # -- the test's side ----------------------------------------------------
 
-    def send(self, message: Message) -> bool:
+    def send(self, message: Message, timeout: float = 5.0) -> bool:
         """Send ``str`` as text or ``bytes`` as binary to the view; ``False`` once closed.
 
         Waits while the view's queue is full (``WEBSOCKET_MAX_QUEUE``), as a
-        real client waits for the server to read.
+        real client waits for the server to read; raises ``TimeoutError`` if
+        the view reads nothing for *timeout* seconds.
         """
         message = check_message(message)
         with self._lock:
             server = self._server if self._close is None else None
         if server is None:
             return False
-        server._deliver(message)
+        deadline = time.monotonic() + timeout
+        while not server._deliver_nowait(message):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the view read none of its queued messages for {timeout} s")
+            time.sleep(0.005)
         return True
 
     def receive(self, timeout: float = 5.0) -> Message | None:

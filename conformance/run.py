@@ -45,7 +45,7 @@ def wstest_path() -> str:
 
 def run_cases(server: str, cases: list[str], out: Path, timeout: float) -> Counter:
     env = {"DJANGO_SETTINGS_MODULE": "conformance.settings"}
-    # The server must outlive the whole run (a full run takes 15-30 minutes).
+    # The server must outlive the whole run (a full run takes 20-40 minutes).
     with start_server(server, env=env, max_seconds=int(timeout) + 60) as running:
         spec = {
             "outdir": str(out),
@@ -83,7 +83,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default="quick", help='"quick" (1-8, 10), "full" (1-10, 12, 13) or a comma list like "1.*,7.1.5"')
     parser.add_argument("--servers", default=",".join(SERVERS), help=f"comma list of {', '.join(SERVERS)}")
-    parser.add_argument("--timeout", type=float, default=3600, help="seconds per server")
+    parser.add_argument("--timeout", type=float, default=7200, help="seconds per server")
     args = parser.parse_args()
     cases = {"quick": QUICK, "full": FULL}.get(args.cases) or args.cases.split(",")
     bad = 0

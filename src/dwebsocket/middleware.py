@@ -117,6 +117,8 @@ class WebSocketMiddleware:
             if isinstance(target, HttpResponseBase):
                 return target
             return await polling.astart(target, request, view_args, view_kwargs)
+        if getattr(view_func, "accept_websocket", False):
+            return None  # a decorated view handles the handshake itself
         return await sync_to_async(type(self).process_view, thread_sensitive=True)(
             self, request, view_func, view_args, view_kwargs
         )

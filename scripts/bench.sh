@@ -2,12 +2,14 @@
 # Runs a benchmark under bench/ side by side with the alternatives, in a virtualenv
 # of its own (.venvs/bench); needs redis-server (installed as for the tests).
 #
-#   scripts/bench.sh fanout                     # python -m bench.fanout
+#   scripts/bench.sh fanout                     # python -m bench.fanout: broadcasts, vs Channels
 #   scripts/bench.sh fanout --members 200
+#   scripts/bench.sh echo                       # python -m bench.echo: round trips, vs flask-sock and Channels
+#   scripts/bench.sh echo --clients 50 --duration 5
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/_python.sh
-name=${1:?which benchmark: fanout}
+name=${1:?which benchmark: fanout or echo}
 shift
 if ! command -v redis-server >/dev/null 2>&1; then
   [ "$(id -u)" = 0 ] && apt-get update -q >/dev/null && apt-get install -y -q redis-server >/dev/null

@@ -10,10 +10,13 @@ if os.environ.get("BENCH_STACK") == "channels":
     from django.urls import path
 
     django_app = get_asgi_application()
-    from .views import Member
+    from .views import Echo, Member
 
     application = ProtocolTypeRouter(
-        {"http": django_app, "websocket": URLRouter([path("member/", Member.as_asgi())])}
+        {
+            "http": django_app,
+            "websocket": URLRouter([path("member/", Member.as_asgi()), path("echo/channels/", Echo.as_asgi())]),
+        }
     )
 else:
     from dwebsocket.asgi import get_asgi_application

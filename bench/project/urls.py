@@ -7,4 +7,6 @@ urlpatterns = [
     path("member/", views.member),
     path("fanout/dwebsocket/", views.dwebsocket_fanout),
     path("fanout/channels/", views.channels_fanout),
+    path("echo/sync/", views.echo_sync),
+    path("echo/async/", views.echo_async),
 ]

@@ -1,4 +1,8 @@
-"""The same fan-out in both stacks: members join group "bench"; an HTTP request broadcasts."""
+"""The views the benchmarks compare, in dwebsocket and in Channels.
+
+Fan-out (bench/fanout.py): members join group "bench"; an HTTP request broadcasts.
+Echo (bench/echo.py): every message is sent back as it is.
+"""
 
 import time
 
@@ -53,3 +57,25 @@ def channels_fanout(request):
     for index in range(count):
         async_to_sync(layer.group_send)(GROUP, {"type": "bench.message", "text": f"{index} {time.time()!r}"})
     return HttpResponse("ok")
+
+
+@require_websocket
+def echo_sync(request):
+    """dwebsocket, sync view: send every message back."""
+    for message in request.websocket:
+        request.websocket.send(message)
+
+
+@require_websocket
+async def echo_async(request):
+    """dwebsocket, async view: send every message back."""
+    ws = request.websocket
+    async for message in ws:
+        await ws.send(message)
+
+
+class Echo(AsyncWebsocketConsumer):
+    """Channels: the same echo, as a consumer (connect() accepts)."""
+
+    async def receive(self, text_data=None, bytes_data=None):
+        await self.send(text_data=text_data, bytes_data=bytes_data)

@@ -1,0 +1,281 @@
+"""Echo benchmark: dwebsocket views against flask-sock and Django Channels, in the same run.
+
+    python -m bench.echo [--clients 100] [--duration 10] [--warmup 2] [--rounds 3] [--threads N]
+
+``--clients`` connections, held by one client process (the ``websockets``
+library's asyncio client, no permessage-deflate), each do sequential round
+trips: send a 32-byte text message, wait for it to come back, send the next.
+After ``--warmup`` seconds, the round trips completed in the next
+``--duration`` seconds are counted and timed.
+
+Configurations, all on 127.0.0.1:
+
+- dwebsocket, sync view (``for message in request.websocket: send``), gunicorn ``-k gthread``
+- flask-sock (bench/flask_echo.py), gunicorn ``-k gthread``, the same ``--threads``
+- dwebsocket, async view (``async for message in ws: await ws.send``), uvicorn ``--ws wsproto``
+- Django Channels, an ``AsyncWebsocketConsumer`` echo, uvicorn ``--ws wsproto``
+- dwebsocket, the same sync view under uvicorn (a thread per connection)
+
+gunicorn gets ``--threads`` = clients + 16 (a connection holds a thread).
+Every server is started once; the rounds then go round the configurations in
+turn, so a change in the machine's other load falls on all of them alike.
+
+Reported per configuration (median of ``--rounds``): round trips per second in
+total, p50 and p99 round-trip latency, the resident memory of the server
+(with every client connected, minus the idle server's before any connected)
+per connection, and the tracebacks the server logged. Ratios are
+dwebsocket gthread / flask-sock gthread and dwebsocket uvicorn async /
+Channels uvicorn. The client shares the 2-core machine with the servers, so
+absolute figures are a floor; the ratios are the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import statistics
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.fanout import rss_kib  # noqa: E402
+from tests.servers import PROJECTS, SERVERS, Project, RunningServer, start_server  # noqa: E402
+
+import websockets  # noqa: E402
+
+MESSAGE_BYTES = 32
+REPLY_TIMEOUT = 30  # seconds a round trip may still take once the window closed
+
+
+@dataclass(frozen=True)
+class Config:
+    """One server serving one echo."""
+
+    key: str
+    stack: str
+    view: str
+    server: str
+    kind: str  # a start_server kind
+    path: str
+    project: str = "bench"
+    env: dict[str, str] = field(default_factory=dict)
+
+
+CONFIGS = [
+    Config("dws-gthread", "dwebsocket", "sync view", "gunicorn gthread", "gthread-echo", "/echo/sync/"),
+    Config("flask-sock", "flask-sock", "sync route", "gunicorn gthread", "gthread-echo", "/echo", project="flask-echo"),
+    Config("dws-uvicorn-async", "dwebsocket", "async view", "uvicorn", "uvicorn", "/echo/async/"),
+    Config("channels", "Channels", "AsyncWebsocketConsumer", "uvicorn", "uvicorn", "/echo/channels/",
+           env={"BENCH_STACK": "channels"}),
+    Config("dws-uvicorn-sync", "dwebsocket", "sync view", "uvicorn", "uvicorn", "/echo/sync/"),
+]
+RATIOS = [
+    ("dwebsocket gthread / flask-sock gthread", "dws-gthread", "flask-sock"),
+    ("dwebsocket uvicorn async / Channels uvicorn", "dws-uvicorn-async", "channels"),
+]
+
+
+def no_control_socket() -> list[str]:
+    """gunicorn 25.1+ binds a control socket at one path per user and unlinks it on exit,
+    clobbering any other gunicorn's on the machine: these servers open none."""
+    major, minor = (int(part) for part in metadata.version("gunicorn").split(".")[:2])
+    return ["--no-control-socket"] if (major, minor) >= (25, 1) else []
+
+
+def register_servers(threads: int) -> None:
+    """Teach tests.servers.start_server gunicorn gthread with *threads* threads, and the Flask app."""
+    extra = no_control_socket()
+    SERVERS["gthread-echo"] = lambda port, p: [
+        sys.executable, "-m", "gunicorn", "-k", "gthread", "--threads", str(threads),
+        "-b", f"127.0.0.1:{port}", "--graceful-timeout", "2", *extra, p.wsgi,
+    ]
+    PROJECTS["flask-echo"] = Project("bench/flask_echo.py", "bench.flask_echo:app", ROOT, "bench.project.settings")
+
+
+@dataclass
+class Window:
+    """Whether round trips completing now are counted, and whether the clients should stop."""
+
+    measuring: bool = False
+    done: bool = False
+    latencies: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Round:
+    rate: float
+    latencies: list[float]
+    loaded_kib: int
+    client_errors: int
+
+
+def payload(index: int) -> str:
+    return f"echo {index:05d} ".ljust(MESSAGE_BYTES, ".")
+
+
+async def echo_loop(conn, message: str, window: Window) -> None:
+    """Sequential round trips on one connection until the window is done."""
+    while not window.done:
+        started = time.perf_counter()
+        await conn.send(message)
+        reply = await conn.recv()
+        elapsed = time.perf_counter() - started
+        if reply != message:
+            raise RuntimeError(f"echo mismatch: {reply!r}")
+        if window.measuring:
+            window.latencies.append(elapsed)
+
+
+async def connect_all(uri: str, count: int) -> list:
+    """Connect in batches of 20, as bench/fanout.py does."""
+    conns = []
+    for start in range(0, count, 20):
+        conns.extend(await asyncio.gather(
+            *(websockets.connect(uri, open_timeout=60, compression=None) for _ in range(min(20, count - start)))
+        ))
+    return conns
+
+
+async def run_round(server: RunningServer, path: str, clients: int, warmup: float, duration: float) -> Round:
+    conns = await connect_all(server.ws + path, clients)
+    window = Window()
+    tasks = [asyncio.create_task(echo_loop(c, payload(i), window)) for i, c in enumerate(conns)]
+    try:
+        await asyncio.sleep(warmup)
+        loaded = rss_kib(server.process.pid)
+        window.measuring = True
+        started = time.perf_counter()
+        await asyncio.sleep(duration)
+        window.measuring = False
+        elapsed = time.perf_counter() - started
+        window.done = True
+        finished, pending = await asyncio.wait(tasks, timeout=REPLY_TIMEOUT)
+        errors = len(pending) + sum(1 for t in finished if t.exception() is not None)
+        return Round(len(window.latencies) / elapsed, window.latencies, loaded, errors)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(int(len(ordered) * fraction), len(ordered) - 1)]
+
+
+def summarise(rounds: list[Round], idle_kib: int, clients: int, tracebacks: int) -> dict[str, float]:
+    return {
+        "rate": statistics.median(r.rate for r in rounds),
+        "p50": statistics.median(percentile(r.latencies, 0.50) * 1000 for r in rounds),
+        "p99": statistics.median(percentile(r.latencies, 0.99) * 1000 for r in rounds),
+        "kib": statistics.median((r.loaded_kib - idle_kib) / clients for r in rounds),
+        "tracebacks": tracebacks,
+        "client_errors": sum(r.client_errors for r in rounds),
+    }
+
+
+def measure_all(args: argparse.Namespace) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+    """Start every server, run the rounds round-robin, stop them; results and failures by key."""
+    per_round = args.warmup + args.duration + REPLY_TIMEOUT
+    max_seconds = int(len(CONFIGS) * args.rounds * per_round + 120)
+    servers: dict[str, RunningServer] = {}
+    idle: dict[str, int] = {}
+    rounds: dict[str, list[Round]] = {c.key: [] for c in CONFIGS}
+    failures: dict[str, str] = {}
+    with ExitStack() as stack:
+        for config in CONFIGS:
+            try:
+                servers[config.key] = stack.enter_context(start_server(
+                    config.kind, env=config.env, project=config.project, max_seconds=max_seconds))
+            except RuntimeError as exc:
+                failures[config.key] = f"did not start: {str(exc).splitlines()[0]}"
+                continue
+            idle[config.key] = rss_kib(servers[config.key].process.pid)
+        for number in range(1, args.rounds + 1):
+            for config in CONFIGS:
+                if config.key in failures:
+                    continue
+                try:
+                    result = asyncio.run(run_round(
+                        servers[config.key], config.path, args.clients, args.warmup, args.duration))
+                except Exception as exc:  # a configuration that fails is reported, not fatal
+                    failures[config.key] = f"round {number}: {exc!r}"
+                    continue
+                rounds[config.key].append(result)
+                print(f"  round {number} {config.key}: {result.rate:,.0f} round trips/s", file=sys.stderr, flush=True)
+    results = {}
+    for config in CONFIGS:
+        if config.key in failures:
+            continue
+        server = servers[config.key]
+        tracebacks = server.log_text().count("Traceback")  # after stopping: shutdown counts too
+        if tracebacks:
+            print(f"  {config.key}: {tracebacks} tracebacks in {server.log_path}", file=sys.stderr)
+        results[config.key] = summarise(rounds[config.key], idle[config.key], args.clients, tracebacks)
+    return results, failures
+
+
+def versions() -> str:
+    names = ["Django", "uvicorn", "gunicorn", "wsproto", "channels", "flask", "flask-sock", "simple-websocket",
+             "websockets"]
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{name} missing")
+    return f"Python {platform.python_version()}, " + ", ".join(found)
+
+
+def print_table(results: dict[str, dict[str, float]], failures: dict[str, str]) -> None:
+    print("| stack | view | server | round trips/s | p50 ms | p99 ms | server KiB per connection | server tracebacks |")
+    print("|---|---|---|---|---|---|---|---|")
+    for config in CONFIGS:
+        start = f"| {config.stack} | {config.view} | {config.server} |"
+        if config.key in failures:
+            print(f"{start} failed: {failures[config.key]} | | | | |")
+            continue
+        r = results[config.key]
+        print(f"{start} {r['rate']:,.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['kib']:.1f} | {r['tracebacks']} |")
+    for label, mine, theirs in RATIOS:
+        if mine in results and theirs in results:
+            d, o = results[mine], results[theirs]
+            print(f"| **ratio** | {label} | | **{d['rate'] / o['rate']:.2f}x** | {d['p50'] / o['p50']:.2f} "
+                  f"| {d['p99'] / o['p99']:.2f} | {d['kib'] / o['kib']:.2f} | |")
+    for config in CONFIGS:
+        errors = results.get(config.key, {}).get("client_errors")
+        if errors:
+            print(f"\n{config.stack} {config.view} {config.server}: {errors} client connections failed")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds measured per round")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds before each measurement")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="gunicorn --threads (default: clients + 16)")
+    args = parser.parse_args()
+    threads = args.threads or args.clients + 16
+    register_servers(threads)
+    print(f"Echo, {args.clients} clients, {MESSAGE_BYTES}-byte text messages, {args.duration:g} s after "
+          f"{args.warmup:g} s warm-up, median of {args.rounds} rounds (gunicorn --threads {threads})")
+    print(versions())
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n", flush=True)
+    results, failures = measure_all(args)
+    print_table(results, failures)
+    print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

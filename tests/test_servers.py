@@ -427,6 +427,39 @@ def test_keepalive_closes_a_peer_that_stopped_answering(kind):
         assert "Traceback" not in running.log_text()
 
 
+@pytest.mark.parametrize("kind", ["runserver", "gthread", "gevent"])
+def test_keepalive_frees_a_view_stuck_sending_to_a_client_that_reads_nothing(kind):
+    # The view's send() blocks once the socket's buffers are full; the client
+    # says nothing either, so after the ping interval and timeout the
+    # connection is cut and send() returns False.
+    env = {"DWS_TEST_PING_INTERVAL": "0.3", "DWS_TEST_PING_TIMEOUT": "0.5"}
+    with start_server(kind, env=env) as running:
+        key = new_id()
+        with socket.create_connection(("127.0.0.1", running.port), timeout=10) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(handshake_bytes(f"/flood/?id={key}"))
+            started = time.monotonic()
+            seen = result(running, key)
+            assert (seen["close_code"], seen["close_reason"]) == (1006, "no answer to the keepalive ping")
+            assert seen["sent"] > 0
+            assert time.monotonic() - started < 5
+        assert "Traceback" not in running.log_text()
+
+
+@pytest.mark.parametrize("kind", ["runserver", "gthread", "gevent"])
+def test_keepalive_spares_a_client_whose_view_is_slow_to_read(kind):
+    # The view takes 0.5 s a message and reads one at a time (queue of 1): the
+    # server stops reading the socket, so the client's pongs wait unread for
+    # seconds. That is the view's slowness, not a dead client.
+    env = {"DWS_TEST_PING_INTERVAL": "0.3", "DWS_TEST_PING_TIMEOUT": "0.5", "DWS_TEST_MAX_QUEUE": "1"}
+    with start_server(kind, env=env) as running:
+        with ws_connect(running, "/sleepy-echo/") as ws:
+            sent = [f"m{n}" for n in range(6)]
+            for message in sent:
+                ws.send(message)
+            assert [ws.recv(timeout=10) for _ in sent] == sent
+
+
 @pytest.mark.parametrize("kind", ["runserver", "gthread", "uvicorn"])
 def test_accept_all_lets_undecorated_views_take_websockets(kind):
     with start_server(kind, env={"DJANGO_SETTINGS_MODULE": "tests.project.settings_acceptall"}) as running:

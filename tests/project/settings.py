@@ -58,6 +58,7 @@ WEBSOCKET_POLL_TIMEOUT = float(os.environ.get("DWS_TEST_POLL_TIMEOUT", "25"))
 WEBSOCKET_POLL_EXPIRY = float(os.environ.get("DWS_TEST_POLL_EXPIRY", "15"))
 WEBSOCKET_BROADCAST_QUEUE = int(os.environ.get("DWS_TEST_BROADCAST_QUEUE", "256"))
 WEBSOCKET_MAX_MESSAGE_SIZE = int(os.environ.get("DWS_TEST_MAX_MESSAGE_SIZE", str(1024 * 1024)))
+WEBSOCKET_MAX_QUEUE = int(os.environ.get("DWS_TEST_MAX_QUEUE", "64"))
 
 LOGGING = {
     "version": 1,

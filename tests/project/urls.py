@@ -22,6 +22,7 @@ urlpatterns = [
     path("big/", views.big),
     path("whoami/", views.whoami),
     path("signup/", views.signup),
+    path("flood/", views.flood),
     path("concurrent-send/", views.concurrent_send),
     path("undecorated-echo/", views.undecorated_echo),
     path("async-echo/", views.async_echo),

@@ -155,6 +155,16 @@ def whoami(request):
 
 
 @require_websocket
+def flood(request):
+    """Sends 64 KiB messages until the connection is gone (a client that reads nothing)."""
+    ws = request.websocket
+    sent = 0
+    while ws.send(b"x" * 65536):
+        sent += 1
+    _record(request, close_code=ws.close_code, close_reason=ws.close_reason, sent=sent, finished=True)
+
+
+@require_websocket
 def signup(request):
     """Creates a user per message; the count after two (dwebsocket.testing's tests)."""
     from django.contrib.auth.models import User

@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.fanout import rss_kib  # noqa: E402
-from tests.servers import PROJECTS, SERVERS, Project, RunningServer, start_server  # noqa: E402
+from tests.servers import PROJECTS, SERVERS, Project, RunningServer, no_control_socket, start_server  # noqa: E402
 
 import websockets  # noqa: E402
 
@@ -81,13 +81,6 @@ RATIOS = [
     ("dwebsocket gthread / flask-sock gthread", "dws-gthread", "flask-sock"),
     ("dwebsocket uvicorn async / Channels uvicorn", "dws-uvicorn-async", "channels"),
 ]
-
-
-def no_control_socket() -> list[str]:
-    """gunicorn 25.1+ binds a control socket at one path per user and unlinks it on exit,
-    clobbering any other gunicorn's on the machine: these servers open none."""
-    major, minor = (int(part) for part in metadata.version("gunicorn").split(".")[:2])
-    return ["--no-control-socket"] if (major, minor) >= (25, 1) else []
 
 
 def register_servers(threads: int) -> None:

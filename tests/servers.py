@@ -44,16 +44,28 @@ PROJECTS = {
     "bench": Project("bench/project/manage.py", "bench.project.wsgi", ROOT, "bench.project.settings"),
 }
 
+def no_control_socket() -> list[str]:
+    """gunicorn 25.1+ binds a control socket at one path per user and unlinks it on
+    exit, clobbering any other gunicorn's on the machine: these servers open none."""
+    from importlib import metadata
+
+    try:
+        major, minor = (int(part) for part in metadata.version("gunicorn").split(".")[:2])
+    except metadata.PackageNotFoundError:
+        return []
+    return ["--no-control-socket"] if (major, minor) >= (25, 1) else []
+
+
 SERVERS = {
     # Django's development server, autoreloader on, as `manage.py runserver` starts it.
     "runserver": lambda port, p: [sys.executable, p.manage, "runserver", f"127.0.0.1:{port}"],
     "gthread": lambda port, p: [
         sys.executable, "-m", "gunicorn", "-k", "gthread", "--threads", "64",
-        "-b", f"127.0.0.1:{port}", "--graceful-timeout", "2", p.wsgi,
+        "-b", f"127.0.0.1:{port}", "--graceful-timeout", "2", *no_control_socket(), p.wsgi,
     ],
     "gevent": lambda port, p: [
         sys.executable, "-m", "gunicorn", "-k", "gevent", "--worker-connections", "2000",
-        "-b", f"127.0.0.1:{port}", "--graceful-timeout", "2", p.wsgi,
+        "-b", f"127.0.0.1:{port}", "--graceful-timeout", "2", *no_control_socket(), p.wsgi,
     ],
     # ASGI servers, with the project's asgi.py (dwebsocket.asgi.get_asgi_application).
     "uvicorn": lambda port, p: [
@@ -94,7 +106,7 @@ def limited(kind: str, limit: str) -> bool:
 # Servers dwebsocket refuses with a clear error; started by the tests of that error.
 UNSUPPORTED = {
     "gunicorn-sync": lambda port, p: [
-        sys.executable, "-m", "gunicorn", "-k", "sync", "-b", f"127.0.0.1:{port}", p.wsgi,
+        sys.executable, "-m", "gunicorn", "-k", "sync", "-b", f"127.0.0.1:{port}", *no_control_socket(), p.wsgi,
     ],
 }
 

@@ -8,6 +8,7 @@ consumes the queue. The connection knows nothing about how bytes move.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import uuid
@@ -41,6 +42,32 @@ class Transport(Protocol):
 
     def offer(self, encoded: Any) -> bool:
         """Queue a broadcast without waiting; ``False`` if it was not queued."""
+
+
+def wake_future(loop: asyncio.AbstractEventLoop) -> tuple[asyncio.Future[None], Callable[[], None]]:
+    """A future on *loop*, and a listener (see :meth:`Connection._listen`) that resolves it.
+
+    How coroutines wait for a connection: called on the loop's own thread (an
+    ASGI receive loop delivering a message) the listener resolves the future at
+    once; from any other thread it goes through ``call_soon_threadsafe``.
+    """
+    future: asyncio.Future[None] = loop.create_future()
+
+    def resolve() -> None:
+        if not future.done():
+            future.set_result(None)
+
+    def listener() -> None:
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            resolve()
+        else:
+            loop.call_soon_threadsafe(resolve)
+
+    return future, listener
 
 
 def check_close_code(code: int, reason: str) -> None:

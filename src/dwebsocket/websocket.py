@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Protocol
 
@@ -19,7 +18,17 @@ from django.http import HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
 
 from .conf import Limits
-from .connection import CLOSED, CONNECTING, OPEN, Connection, Message, Transport, check_close_code, check_message
+from .connection import (
+    CLOSED,
+    CONNECTING,
+    OPEN,
+    Connection,
+    Message,
+    Transport,
+    check_close_code,
+    check_message,
+    wake_future,
+)
 from .handshake import HandshakeError, is_websocket_request
 
 logger = logging.getLogger("dwebsocket")
@@ -211,28 +220,29 @@ class AsyncWebSocket:
         """The next message (``str`` or ``bytes``); ``None`` once closed or after *timeout*."""
         ws = self._ws
         await ws._astart()
+        with ws._cond:  # a message already waiting needs no wake-up
+            message = ws._pop()
+            if message is not None or ws._state in (CLOSED, CONNECTING):
+                return message
         loop = asyncio.get_running_loop()
-        changed = asyncio.Event()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        remove = ws._listen(lambda: loop.call_soon_threadsafe(changed.set))
-        try:
-            while True:
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            changed, listener = wake_future(loop)
+            remove = ws._listen(listener)
+            try:
                 with ws._cond:
-                    changed.clear()
                     message = ws._pop()
-                    if message is not None:
+                    if message is not None or ws._state in (CLOSED, CONNECTING):
                         return message
-                    if ws._state in (CLOSED, CONNECTING):
-                        return None
-                remaining = None if deadline is None else deadline - time.monotonic()
+                remaining = None if deadline is None else deadline - loop.time()
                 if remaining is not None and remaining <= 0:
                     return None
                 try:
-                    await asyncio.wait_for(changed.wait(), remaining)
+                    await asyncio.wait_for(changed, remaining)
                 except asyncio.TimeoutError:
                     return None
-        finally:
-            remove()
+            finally:
+                remove()
 
     async def read(self) -> Message | None:
         """The next received message at once, or ``None`` if there is none."""

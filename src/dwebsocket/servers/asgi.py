@@ -36,7 +36,7 @@ from django.urls import Resolver404, get_resolver, set_script_prefix
 from django.utils.module_loading import import_string
 
 from ..conf import Limits
-from ..connection import Connection, Message
+from ..connection import Connection, Message, wake_future
 from ..handshake import check_origin
 
 logger = logging.getLogger("dwebsocket")
@@ -71,7 +71,9 @@ class AsgiTransport:
         self._limits = limits
         self._send_lock = asyncio.Lock()
         self._close_sent = False  # owned by the loop
-        self._disconnected = asyncio.Event()
+        # Owned by the loop: the client is gone, and what afinish() waits on for it.
+        self._disconnected = False
+        self._gone: asyncio.Future[None] | None = None
         self._receiver: asyncio.Task[None] | None = None
         # Guarded by _offered_lock: broadcasts handed to the loop, not yet sent.
         self._offered_lock = threading.Lock()
@@ -93,7 +95,7 @@ class AsgiTransport:
     # -- sending -----------------------------------------------------------
 
     async def asend(self, message: Message) -> bool:
-        if self._close_sent or self._disconnected.is_set():
+        if self._close_sent or self._disconnected:
             return False
         key = "text" if isinstance(message, str) else "bytes"
         try:
@@ -108,7 +110,7 @@ class AsgiTransport:
             # Called from sync code running on the loop (a sync helper inside an
             # async view): the send cannot be awaited here, so it is scheduled.
             self._loop.create_task(self.asend(message))
-            return not (self._close_sent or self._disconnected.is_set())
+            return not (self._close_sent or self._disconnected)
         try:
             return bool(self._call(self.asend(message)))
         except RuntimeError:  # the loop is closed: the server is shutting down
@@ -139,7 +141,7 @@ class AsgiTransport:
                 self._offered -= 1
 
     async def aclose(self, code: int, reason: str) -> None:
-        if self._close_sent or self._disconnected.is_set():
+        if self._close_sent or self._disconnected:
             return
         self._close_sent = True
         async with self._send_lock:
@@ -167,9 +169,6 @@ class AsgiTransport:
 
     async def _receive_loop(self) -> None:
         code, reason = 1006, ""
-        room = asyncio.Event()
-        loop = self._loop
-        remove = self._connection._listen(lambda: loop.call_soon_threadsafe(room.set))
         try:
             while True:
                 event = await self._receive()
@@ -186,25 +185,38 @@ class AsgiTransport:
                 if limit is not None and _size(message) > limit:
                     await self.aclose(1009, "message too big")
                     continue
-                while True:
-                    room.clear()
-                    if self._connection._deliver_nowait(message):
-                        break
-                    await room.wait()  # backpressure: the view reads, then we go on
+                if not self._connection._deliver_nowait(message):
+                    await self._wait_for_room(message)
         except asyncio.CancelledError:
             pass
         except Exception:  # the server lost the connection
             pass
         finally:
-            remove()
-            self._disconnected.set()
+            self._disconnected = True
+            if self._gone is not None and not self._gone.done():
+                self._gone.set_result(None)
             self._connection._closed(code, reason)
+
+    async def _wait_for_room(self, message: Message) -> None:
+        """Backpressure: wait until the view has read enough to queue *message*."""
+        while True:
+            room, listener = wake_future(self._loop)
+            remove = self._connection._listen(listener)
+            try:
+                if self._connection._deliver_nowait(message):
+                    return
+                await room
+            finally:
+                remove()
 
     async def afinish(self) -> None:
         """Close normally, then wait for the client's answer (bounded)."""
         await self.aclose(1000, "")
+        if self._disconnected:
+            return
+        self._gone = self._loop.create_future()
         try:
-            await asyncio.wait_for(self._disconnected.wait(), self._limits.close_timeout)
+            await asyncio.wait_for(self._gone, self._limits.close_timeout)
         except asyncio.TimeoutError:
             if self._receiver is not None:
                 self._receiver.cancel()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine: installs what the tests need
 # (Python packages in virtualenvs under .venvs/, the Autobahn TestSuite), then runs
-# pytest once per supported Django (4.2 LTS on Python 3.10, 5.2 LTS on 3.11, 6.0 on 3.12).
+# pytest once per supported Django (4.2 LTS on Python 3.10, 5.2 LTS on 3.11, 6.0 on 3.13).
 #
 #   scripts/test.sh                 # the whole matrix
 #   scripts/test.sh -k seed         # extra arguments go to pytest
@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/_python.sh
 
-MATRIX=${DWS_MATRIX:-"4.2:3.10 5.2:3.11 6.0:3.12"}
+MATRIX=${DWS_MATRIX:-"4.2:3.10 5.2:3.11 6.0:3.13"}
 
 # Debian packages the tests start: redis-server (the Redis broker's tests) and
 # chromium (the browser tests, driven by Playwright; its own browser download
@@ -40,7 +40,7 @@ for entry in $MATRIX; do
     echo "Python $pyver is needed for Django $django; install it (pyenv install $pyver)." >&2
     exit 1
   fi
-  venv=".venvs/django-$django"
+  venv=".venvs/django-$django-py$pyver"
   if [ ! -x "$venv/bin/python" ]; then
     "$python" -m venv "$venv"
   fi

@@ -43,7 +43,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.http.response import HttpResponseBase
 
 from .. import conf
-from ..connection import Connection, Message
+from ..connection import Connection, Message, wake_future
 from ..handshake import HandshakeError, check_origin
 
 logger = logging.getLogger("dwebsocket")
@@ -97,24 +97,16 @@ class _Accepted:
         return self._event.wait(timeout)
 
     async def await_set(self, timeout: float) -> bool:
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
-
-        def resolve() -> None:
-            if not done.done():
-                done.set_result(True)
-
-        def wake() -> None:
-            loop.call_soon_threadsafe(resolve)
-
+        done, wake = wake_future(asyncio.get_running_loop())
         with self._lock:
             if self._event.is_set():
                 return True
             self._wakes.append(wake)
         try:
-            return await asyncio.wait_for(done, timeout)
+            await asyncio.wait_for(done, timeout)
         except asyncio.TimeoutError:
-            return self._event.is_set()
+            pass
+        return self._event.is_set()
 
 
 class PollingSession:

@@ -10,8 +10,8 @@ Threads: one reader thread per connection receives, answers pings and closes
 wsproto connection and every write to the socket, so frames never interleave.
 One timer thread per process (``_Timers``) sends every connection's keepalive
 pings and ends connections whose client stopped answering, so that a reader
-only ever blocks in ``recv()``: one system call, one release of the GIL per
-read (a poll before each read made an echo cost a quarter more CPU under load).
+only ever blocks in ``recv()`` (one system call per read), and a connection
+whose view is stuck writing to a client that reads nothing is still ended.
 The socket itself belongs to the server: this module shuts it down when the
 connection ends and never closes its file descriptor (the server does, once).
 """

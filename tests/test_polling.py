@@ -164,6 +164,17 @@ def test_session_expires_when_polls_stop(polling_server):
     assert status == 404 or (status == 200 and body["close"]["code"] == 1006), (status, body)
 
 
+def test_a_view_that_accepts_after_the_open_gave_up_finds_the_connection_closed(polling_server):
+    key = uuid.uuid4().hex
+    client = PollClient(polling_server, f"/late-accept/?id={key}&delay=3")  # WEBSOCKET_POLL_TIMEOUT is 2
+    status, body = client.open()
+    assert status == 503 and "WEBSOCKET_POLL_TIMEOUT" in body["error"], (status, body)
+    seen = result(polling_server, key)  # the view is not left waiting for a client that left
+    assert (seen["message"], seen["connected"], seen["close_code"]) == (None, False, 1006)
+    status, text = polling_server.get("/presence/late-accept/")
+    assert status == 200 and json.loads(text)["size"] == 0  # and it left no member behind
+
+
 def test_wrong_or_unknown_session_and_malformed_requests(polling_server):
     client = PollClient(polling_server, "/echo/")
     assert client.open()[0] == 200

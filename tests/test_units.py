@@ -266,6 +266,19 @@ def test_close_reason_must_fit_in_a_frame():
         check_close_code(1000, "é" * 62)
 
 
+def test_a_closed_connection_joins_no_group():
+    from dwebsocket import group_size
+
+    connection, _ = open_connection()
+    connection.join("units-closed")
+    assert group_size("units-closed") == 1
+    connection._closed(1006)
+    assert group_size("units-closed") == 0
+    connection.join("units-closed")  # e.g. a view that joins after its client vanished
+    connection.join("units-other")
+    assert group_size("units-closed") == 0 and group_size("units-other") == 0
+
+
 def test_closed_connection_state():
     connection, _ = open_connection()
     connection._closed(1006)

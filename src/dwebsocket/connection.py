@@ -114,8 +114,11 @@ class Connection:
         self._listeners: set[Callable[[], object]] = set()
         #: A unique id for this connection, across every process of a deployment.
         self.id = uuid.uuid4().hex
-        # The groups this connection is in; changed by dwebsocket.groups only.
+        # The groups this connection is in; changed by dwebsocket.groups only,
+        # under _groups_lock, which also makes a join and the leave-all at close
+        # exclusive (a join never lands after the close has left every group).
         self._groups: set[str] = set()
+        self._groups_lock = threading.Lock()
 
     # -- for subclasses and transports --------------------------------------
 
@@ -181,10 +184,10 @@ class Connection:
                 self._close_code = code
                 self._close_reason = reason
             self._changed()
-        if first and self._groups:
+        if first:
             from . import groups
 
-            groups.leave_all(self, self._groups)
+            groups.leave_all(self)
 
     def _offer(self, encoded: Any) -> bool:
         """Queue a broadcast for this client without waiting (see dwebsocket.groups)."""

@@ -160,15 +160,19 @@ _JOIN_TIMEOUT = 2.0  # seconds a join waits for the broker (Redis) to take it
 
 
 def join(connection: Connection, group: str) -> Broker | None:
-    """Add *connection* to *group*; the broker to flush, if the join is not complete yet."""
+    """Add *connection* to *group*; the broker to flush, if the join is not complete yet.
+
+    A closed connection joins nothing: it has left its groups for good.
+    """
     _check_group(group)
-    if group in connection._groups:
-        return None
-    connection._groups.add(group)
     broker = get_broker()
-    if registry.add(group, connection):
-        broker.subscribe(group)
-    broker.add_member(group, connection)
+    with connection._groups_lock:
+        if connection.closed or group in connection._groups:
+            return None
+        connection._groups.add(group)
+        if registry.add(group, connection):
+            broker.subscribe(group)
+        broker.add_member(group, connection)
     return None if broker.synchronous else broker
 
 
@@ -186,19 +190,29 @@ async def await_for(broker: Broker | None) -> None:
 
 def leave(connection: Connection, group: str) -> Broker | None:
     """Remove *connection* from *group*; the broker to flush, if that is not complete yet."""
-    if group not in connection._groups:
-        return None
-    connection._groups.discard(group)
-    broker = get_broker()
-    if registry.remove(group, connection):
-        broker.unsubscribe(group)
-    broker.remove_member(group, connection)
+    with connection._groups_lock:
+        if group not in connection._groups:
+            return None
+        broker = get_broker()
+        _remove(connection, group, broker)
     return None if broker.synchronous else broker
 
 
-def leave_all(connection: Connection, groups: Iterable[str]) -> None:
-    for group in list(groups):
-        leave(connection, group)
+def leave_all(connection: Connection) -> None:
+    """Remove *connection* from every group it is in (when it closes)."""
+    with connection._groups_lock:
+        if connection._groups:
+            broker = get_broker()
+            for group in list(connection._groups):
+                _remove(connection, group, broker)
+
+
+def _remove(connection: Connection, group: str, broker: Broker) -> None:
+    """Take *connection* out of *group*; call with its ``_groups_lock`` held."""
+    connection._groups.discard(group)
+    if registry.remove(group, connection):
+        broker.unsubscribe(group)
+    broker.remove_member(group, connection)
 
 
 def _check_group(group: str) -> None:

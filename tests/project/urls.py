@@ -30,6 +30,7 @@ urlpatterns = [
     path("async-members/", views.async_members),
     path("middleware-raises/", views.middleware_raises),
     path("sleepy-echo/", views.sleepy_echo),
+    path("late-accept/", views.late_accept),
     path("login-as/<str:username>/", views.login_as),
     path("group/<str:name>/", views.group_chat),
     path("async-group/<str:name>/", views.async_group_chat),

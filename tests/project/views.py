@@ -271,6 +271,16 @@ def sleepy_echo(request):
         ws.send(message)
 
 
+@require_websocket
+def late_accept(request):
+    """Accepts ?delay= seconds late: after a polling open may have given up waiting."""
+    time.sleep(float(request.GET.get("delay", "0")))
+    ws = request.websocket
+    ws.join("late-accept")
+    _record(request, message=ws.wait(timeout=30), connected=ws.connected, close_code=ws.close_code,
+            finished=True)
+
+
 def login_as(request, username):
     """Logs the client in as *username* (created on first use): test project only."""
     from django.contrib.auth import get_user_model, login

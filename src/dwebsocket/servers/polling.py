@@ -49,7 +49,6 @@ from ..handshake import HandshakeError, check_origin
 logger = logging.getLogger("dwebsocket")
 
 ACTIONS = ("open", "poll", "send", "close")
-_OPEN_TIMEOUT = 10.0  # seconds the open request waits for the view to accept or refuse
 _OUTBOX = 1024  # messages waiting for the client's next poll, before it counts as too slow
 
 
@@ -292,6 +291,8 @@ class PollingOpener:
         self.subprotocol = subprotocol
         connection._opened(transport)
         self._session.accepted.set()
+        if self._session.finished:  # the open request stopped waiting: nobody will poll
+            connection._closed(1006, "the view accepted after the open request timed out")
         return transport
 
     async def aopen(self, connection: Connection, subprotocol: str | None) -> PollingTransport:
@@ -367,7 +368,7 @@ def start(view: Any, request: HttpRequest, args: tuple[Any, ...], kwargs: dict[s
         target=_run_view, args=(session, view, request, args, kwargs),
         name="dwebsocket-polling-view", daemon=True,
     ).start()
-    session.accepted.wait(_OPEN_TIMEOUT)
+    session.accepted.wait(conf.get("WEBSOCKET_POLL_TIMEOUT"))
     return _answer(request, session)
 
 
@@ -390,7 +391,7 @@ async def astart(view: Any, request: HttpRequest, args: tuple[Any, ...], kwargs:
             target=_run_view, args=(session, view, request, args, kwargs),
             name="dwebsocket-polling-view", daemon=True,
         ).start()
-    await session.accepted.await_set(_OPEN_TIMEOUT)
+    await session.accepted.await_set(conf.get("WEBSOCKET_POLL_TIMEOUT"))
     return _answer(request, session)
 
 
@@ -450,7 +451,12 @@ def _answer(request: HttpRequest, session: PollingSession) -> HttpResponseBase:
     opener: PollingOpener = request._dwebsocket_opener  # type: ignore[attr-defined]
     if session.refusal is not None or session.connection is None:
         sessions.remove(session)
-        return session.refusal or _error(503, "the view did not accept the connection in time")
+        # A view that accepts later finds the session closed, and leaves no
+        # thread waiting for a client that got its 503.
+        session.close(1006, "the view did not accept in time")
+        return session.refusal or _error(
+            503, "the view did not accept the connection within WEBSOCKET_POLL_TIMEOUT seconds"
+        )
     session.touch()
     return JsonResponse({"sid": session.sid, "subprotocol": opener.subprotocol})
 

@@ -6,7 +6,9 @@ Screenshots of each test go to artifacts/screenshots/.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -134,3 +136,58 @@ def test_pages_reconnect_after_a_server_restart(browser, without_websocket):
             shot(erin, f"reconnected-{'polling' if without_websocket else 'websocket'}")
     finally:
         server_cm.__exit__(None, None, None)
+
+
+# -- the client's timeouts, on a blank page of the test project ------------------
+
+
+@contextlib.contextmanager
+def client_page(browser, server):
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(f"{server.http}/client/")
+    try:
+        yield page
+    finally:
+        context.close()
+
+
+OPEN_SOCKET = """([url, options]) => new Promise((resolve) => {
+    window.events = [];
+    const socket = window.socket = new DWebSocket(url, options);
+    socket.onopen = () => { events.push("open " + socket.transport); resolve(); };
+    socket.onclose = (event) => events.push("close " + event.code);
+    socket.onmessage = (event) => events.push("message " + event.data);
+})"""
+
+
+def test_a_stalled_websocket_handshake_falls_back_to_polling(browser):
+    """A proxy that holds the handshake: the client gives up on it and long-polls."""
+    with start_server("runserver") as server, client_page(browser, server) as page:
+        page.evaluate(OPEN_SOCKET, ["/stalled-handshake/?stall=8", {"connectTimeout": 1500}])
+        assert page.evaluate("events") == ["open polling"]
+        page.evaluate("socket.send('hi')")
+        page.wait_for_function("events.includes('message polling:hi')", timeout=10_000)
+        page.evaluate("socket.close()")
+    assert "Traceback" not in server.log_text()
+
+
+def test_a_poll_to_a_server_gone_silent_is_given_up_and_the_client_reconnects(browser):
+    """A server (or network) that stops answering without closing anything."""
+    with start_server("runserver", env={"DWS_TEST_POLL_TIMEOUT": "2"}) as server, \
+            client_page(browser, server) as page:
+        options = {"transports": ["polling"], "connectTimeout": 2000,
+                   "reconnect": {"initialDelay": 200, "maxDelay": 1000}}
+        page.evaluate(OPEN_SOCKET, ["/echo/", options])
+        os.killpg(server.process.pid, signal.SIGSTOP)  # the server freezes, its sockets stay open
+        try:
+            # The poll in flight is given up 2 s (connectTimeout) after the
+            # server's 2 s poll timeout: the page learns the connection is lost.
+            page.wait_for_function("events.includes('close 1006')", timeout=15_000)
+            assert page.evaluate("socket.readyState") == 0  # CONNECTING: it keeps trying
+        finally:
+            os.killpg(server.process.pid, signal.SIGCONT)
+        page.wait_for_function("events.filter((e) => e === 'open polling').length === 2", timeout=20_000)
+        page.evaluate("socket.send('back')")
+        page.wait_for_function("events.includes('message back')", timeout=10_000)
+        page.evaluate("socket.close()")

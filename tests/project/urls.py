@@ -1,3 +1,4 @@
+from django.contrib.staticfiles.urls import staticfiles_urlpatterns
 from django.urls import path
 
 from . import seed_broadcast, seed_echo, views
@@ -31,9 +32,12 @@ urlpatterns = [
     path("middleware-raises/", views.middleware_raises),
     path("sleepy-echo/", views.sleepy_echo),
     path("late-accept/", views.late_accept),
+    path("stalled-handshake/", views.stalled_handshake),
+    path("client/", views.client_page),
     path("login-as/<str:username>/", views.login_as),
     path("group/<str:name>/", views.group_chat),
     path("async-group/<str:name>/", views.async_group_chat),
     path("presence/<str:name>/", views.presence),
     path("broadcast/<str:name>/", views.http_broadcast),
 ]
+urlpatterns += staticfiles_urlpatterns()  # dwebsocket.js, for the browser tests

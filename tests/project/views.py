@@ -281,6 +281,27 @@ def late_accept(request):
             finished=True)
 
 
+@require_websocket
+def stalled_handshake(request):
+    """Echoes, naming the transport; a WebSocket handshake is held ?stall= seconds first."""
+    transport = "websocket" if request.META.get("HTTP_UPGRADE", "").lower() == "websocket" else "polling"
+    if transport == "websocket":
+        time.sleep(float(request.GET.get("stall", "0")))
+    for message in request.websocket:
+        request.websocket.send(f"{transport}:{message}")
+
+
+_CLIENT_PAGE = """<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>dwebsocket.js</title></head>
+<body><script src="/static/dwebsocket/dwebsocket.js"></script></body></html>
+"""
+
+
+def client_page(request):
+    """A blank page with dwebsocket.js, for browser tests that script the client."""
+    return HttpResponse(_CLIENT_PAGE)
+
+
 def login_as(request, username):
     """Logs the client in as *username* (created on first use): test project only."""
     from django.contrib.auth import get_user_model, login

@@ -4,7 +4,7 @@ The browser client (``static/dwebsocket/dwebsocket.js``) falls back to this
 when a WebSocket cannot be opened. It speaks JSON over HTTP on the view's own
 URL, the action chosen by the ``dwebsocket`` query parameter::
 
-    POST ?dwebsocket=open              {"protocols": [...]}   -> {"sid": S, "subprotocol": P}
+    POST ?dwebsocket=open              {"protocols": [...]}   -> {"sid": S, "subprotocol": P, "timeout": T}
     GET  ?dwebsocket=poll&sid=S                               -> {"messages": [...], "close": null}
     POST ?dwebsocket=send&sid=S        {"messages": [...]}    -> 204
     POST ?dwebsocket=close&sid=S       {"code": C, "reason": R} -> 204
@@ -458,7 +458,11 @@ def _answer(request: HttpRequest, session: PollingSession) -> HttpResponseBase:
             503, "the view did not accept the connection within WEBSOCKET_POLL_TIMEOUT seconds"
         )
     session.touch()
-    return JsonResponse({"sid": session.sid, "subprotocol": opener.subprotocol})
+    return JsonResponse({
+        "sid": session.sid,
+        "subprotocol": opener.subprotocol,
+        "timeout": conf.get("WEBSOCKET_POLL_TIMEOUT"),  # how long a poll may be held
+    })
 
 
 _shared: Any = None  # (url, SharedSessions) for the current WEBSOCKET_BROKER; guarded by _shared_lock

@@ -8,6 +8,7 @@
  *     protocols: [],                       // subprotocols, as for WebSocket
  *     transports: ["websocket", "polling"], // tried in this order
  *     reconnect: true,                     // or {initialDelay, maxDelay, maxBuffer}
+ *     connectTimeout: 10000,               // ms a transport may take to open
  *   });
  *   socket.onopen / onmessage / onclose / onerror, addEventListener(...)
  *   socket.send(text or ArrayBuffer/Blob/TypedArray), socket.close(code, reason)
@@ -15,7 +16,10 @@
  * Differences from WebSocket, on purpose: after an unclean close it
  * reconnects (with exponential backoff and jitter), firing "close" and then
  * "open" again; messages sent while it is not open are kept (up to
- * maxBuffer, 1000 by default) and sent in order once it is.
+ * maxBuffer, 1000 by default) and sent in order once it is. A transport that
+ * does not open within connectTimeout counts as failed (a proxy that holds the
+ * handshake), and a poll that is not answered connectTimeout after the server's
+ * poll timeout counts as a lost connection (a server or network gone silent).
  */
 (function (root) {
   "use strict";
@@ -55,7 +59,7 @@
   /* -- the WebSocket transport --------------------------------------------- */
 
   function WebSocketTransport(owner) {
-    var ws, opened = false;
+    var ws, opened = false, failed = false, timer = null;
     this.name = "websocket";
     this.start = function () {
       if (typeof root.WebSocket !== "function") { owner._transportFailed(this, "no WebSocket"); return; }
@@ -64,10 +68,25 @@
       } catch (error) { owner._transportFailed(this, error); return; }
       ws.binaryType = "arraybuffer";
       var self = this;
-      ws.onopen = function () { opened = true; owner._transportOpened(self, ws.protocol || ""); };
-      ws.onmessage = function (event) { owner._received(event.data); };
+      function fail(why) {
+        if (opened || failed) return;
+        failed = true;
+        root.clearTimeout(timer);
+        owner._transportFailed(self, why);
+      }
+      timer = root.setTimeout(function () {
+        fail("handshake timed out");
+        try { ws.close(); } catch (e) { /* already closing */ }
+      }, owner._connectTimeout);
+      ws.onopen = function () {
+        if (failed) return;
+        opened = true;
+        root.clearTimeout(timer);
+        owner._transportOpened(self, ws.protocol || "");
+      };
+      ws.onmessage = function (event) { if (opened) owner._received(event.data); };
       ws.onclose = function (event) {
-        if (!opened) owner._transportFailed(self, "handshake failed");
+        if (!opened) fail("handshake failed");
         else owner._transportClosed(self, event.code, event.reason, event.wasClean);
       };
     };
@@ -82,16 +101,25 @@
     var base = absoluteUrl(owner.url, "http");
     this.name = "polling";
 
-    function request(method, action, body) {
-      var params = { dwebsocket: action };
+    var pollTimeout = 25000; // the server's WEBSOCKET_POLL_TIMEOUT, as its open answer tells
+
+    // timeout: ms after which the request is given up (rejects), or 0 for none.
+    function request(method, action, body, timeout) {
+      var params = { dwebsocket: action }, controller = null, timer = null;
       if (sid) params.sid = sid;
+      if (timeout && typeof root.AbortController === "function") {
+        controller = new root.AbortController();
+        timer = root.setTimeout(function () { controller.abort(); }, timeout);
+      }
+      var done = function () { root.clearTimeout(timer); };
       return root.fetch(withParams(base, params), {
         method: method,
         credentials: "same-origin",
         cache: "no-store",
         headers: body === undefined ? {} : { "Content-Type": "application/json" },
         body: body === undefined ? undefined : JSON.stringify(body),
-      });
+        signal: controller ? controller.signal : undefined,
+      }).then(function (response) { done(); return response; }, function (error) { done(); throw error; });
     }
 
     function finish(code, reason, wasClean) {
@@ -102,7 +130,7 @@
 
     function poll() {
       if (closed) return;
-      request("GET", "poll").then(function (response) {
+      request("GET", "poll", undefined, pollTimeout + owner._connectTimeout).then(function (response) {
         if (!response.ok) throw new Error("poll answered " + response.status);
         return response.json();
       }).then(function (batch) {
@@ -127,11 +155,12 @@
 
     this.start = function () {
       if (typeof root.fetch !== "function") { owner._transportFailed(this, "no fetch"); return; }
-      request("POST", "open", { protocols: owner._protocols }).then(function (response) {
+      request("POST", "open", { protocols: owner._protocols }, owner._connectTimeout).then(function (response) {
         if (!response.ok) throw new Error("open answered " + response.status);
         return response.json();
       }).then(function (opened) {
         sid = opened.sid;
+        if (typeof opened.timeout === "number") pollTimeout = opened.timeout * 1000;
         owner._transportOpened(self, opened.subprotocol || "");
         poll();
       }).catch(function (error) { owner._transportFailed(self, error); });
@@ -161,6 +190,7 @@
     this.binaryType = "blob";
     this.onopen = this.onmessage = this.onclose = this.onerror = null;
     this._protocols = options.protocols || [];
+    this._connectTimeout = options.connectTimeout || 10000;
     this._transports = options.transports || ["websocket", "polling"];
     this._reconnect = reconnect ? {
       initialDelay: reconnect.initialDelay || 500,

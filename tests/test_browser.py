@@ -86,6 +86,34 @@ def test_two_pages_chat_over_websocket(browser, kind):
 
 
 @pytest.mark.parametrize("kind", ["runserver", "gthread", "uvicorn"])
+def test_the_seeds_own_chat_page_with_its_broadcast_view(browser, kind):
+    """The guide's chat.html and broadcasting view, both verbatim, plain browser WebSocket."""
+    with start_server(kind) as server:
+        pages = []
+        with contextlib.ExitStack() as stack:
+            for _ in range(3):
+                context = browser.new_context()
+                stack.callback(context.close)
+                page = context.new_page()
+                page.goto(f"{server.http}/seed/page/")
+                expect(messages(page)).to_contain_text("Connected to the chat server.", timeout=10_000)
+                pages.append(page)
+            first, second, third = pages
+            say(first, "hello everyone")
+            for other in (second, third):
+                expect(messages(other)).to_contain_text("hello everyone", timeout=10_000)
+            say(third, "hi ✓")
+            for other in (first, second):
+                expect(messages(other)).to_contain_text("hi ✓", timeout=10_000)
+            shot(second, f"seed-chat-{kind}")
+            # The sender gets nothing back: only the greeting, its own text never.
+            expect(first.locator("#messages p")).to_have_count(2)  # connected, "hi ✓"
+            expect(third.locator("#messages p")).to_have_count(2)  # connected, "hello everyone"
+        assert "Traceback" not in server.log_text()
+        assert "Broadcasting message: hello everyone" in server.log_text()
+
+
+@pytest.mark.parametrize("kind", ["runserver", "gthread", "uvicorn"])
 def test_a_page_without_websocket_chats_over_long_polling(browser, kind):
     with start_server(kind, project="chat") as server:
         with chat_page(browser, server, "carol", without_websocket=True) as carol, \

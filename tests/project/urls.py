@@ -8,6 +8,9 @@ urlpatterns = [
     path("result/<str:key>/", views.result),
     path("seed/echo/", seed_echo.chat_view),
     path("seed/broadcast/", seed_broadcast.chat_view),
+    # The seed's chat page (its chat.html, verbatim) and the URL it connects to.
+    path("seed/page/", seed_echo.chat_page),
+    path("ws/chat/", seed_broadcast.chat_view),
     path("echo/", views.echo),
     path("page-or-socket/", views.page_or_socket),
     path("plain/", views.plain),

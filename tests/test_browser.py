@@ -35,16 +35,22 @@ def browser():
 
 
 @contextlib.contextmanager
-def chat_page(browser, server, name, without_websocket=False):
+def open_page(browser, url, init_script=None):
+    """A page at *url* in a browser context of its own (its own cookies)."""
     context = browser.new_context()
-    if without_websocket:
-        context.add_init_script(NO_WEBSOCKET)
+    if init_script:
+        context.add_init_script(init_script)
     page = context.new_page()
-    page.goto(f"{server.http}/ws/chat/?name={name}")
+    page.goto(url)
     try:
         yield page
     finally:
         context.close()
+
+
+def chat_page(browser, server, name, without_websocket=False):
+    """The chat example's page, as *name*; *without_websocket*: in a browser that has none."""
+    return open_page(browser, f"{server.http}/ws/chat/?name={name}", NO_WEBSOCKET if without_websocket else None)
 
 
 def say(page, text):
@@ -92,10 +98,7 @@ def test_the_seeds_own_chat_page_with_its_broadcast_view(browser, kind):
         pages = []
         with contextlib.ExitStack() as stack:
             for _ in range(3):
-                context = browser.new_context()
-                stack.callback(context.close)
-                page = context.new_page()
-                page.goto(f"{server.http}/seed/page/")
+                page = stack.enter_context(open_page(browser, f"{server.http}/seed/page/"))
                 expect(messages(page)).to_contain_text("Connected to the chat server.", timeout=10_000)
                 pages.append(page)
             first, second, third = pages
@@ -169,15 +172,8 @@ def test_pages_reconnect_after_a_server_restart(browser, without_websocket):
 # -- the client's timeouts, on a blank page of the test project ------------------
 
 
-@contextlib.contextmanager
 def client_page(browser, server):
-    context = browser.new_context()
-    page = context.new_page()
-    page.goto(f"{server.http}/client/")
-    try:
-        yield page
-    finally:
-        context.close()
+    return open_page(browser, f"{server.http}/client/")
 
 
 OPEN_SOCKET = """([url, options]) => new Promise((resolve) => {

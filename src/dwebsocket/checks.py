@@ -83,7 +83,8 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error | Warni
                 f"{_MIDDLEWARE} is not in MIDDLEWARE.",
                 hint=(
                     "Decorated views still work, but request.is_websocket() and "
-                    "request.websocket are only set on them, and "
+                    "request.websocket are only set on them, the long-polling "
+                    "fallback of dwebsocket.js is not served, and "
                     "WEBSOCKET_ACCEPT_ALL has no effect. Add it right after "
                     "django.middleware.common.CommonMiddleware."
                 ),

@@ -187,13 +187,14 @@ OPEN_SOCKET = """([url, options]) => new Promise((resolve) => {
 
 def test_a_stalled_websocket_handshake_falls_back_to_polling(browser):
     """A proxy that holds the handshake: the client gives up on it and long-polls."""
-    with start_server("runserver") as server, client_page(browser, server) as page:
-        page.evaluate(OPEN_SOCKET, ["/stalled-handshake/?stall=8", {"connectTimeout": 1500}])
-        assert page.evaluate("events") == ["open polling"]
-        page.evaluate("socket.send('hi')")
-        page.wait_for_function("events.includes('message polling:hi')", timeout=10_000)
-        page.evaluate("socket.close()")
-    assert "Traceback" not in server.log_text()
+    with start_server("runserver") as server:
+        with client_page(browser, server) as page:
+            page.evaluate(OPEN_SOCKET, ["/stalled-handshake/?stall=8", {"connectTimeout": 1500}])
+            assert page.evaluate("events") == ["open polling"]
+            page.evaluate("socket.send('hi')")
+            page.wait_for_function("events.includes('message polling:hi')", timeout=10_000)
+            page.evaluate("socket.close()")
+        assert "Traceback" not in server.log_text()  # before the server stops
 
 
 def test_a_poll_to_a_server_gone_silent_is_given_up_and_the_client_reconnects(browser):

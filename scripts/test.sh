@@ -53,9 +53,10 @@ for entry in $MATRIX; do
   if [ "$django" != "5.2" ] && [ -z "${DWS_MATRIX:-}" ]; then marker=(-m "not conformance"); fi
   "$venv/bin/python" -m pytest "${marker[@]}" "$@" || status=$?
   if [ "$django" = "5.2" ]; then
-    echo "=== mypy (the public API is typed; py.typed ships)"
-    "$venv/bin/python" -m pip install -q "mypy>=1.10" "django-stubs>=5"
+    echo "=== mypy (the public API is typed; py.typed ships) and ruff (unused names, syntax)"
+    "$venv/bin/python" -m pip install -q "mypy>=1.10" "django-stubs>=5" "ruff>=0.6"
     "$venv/bin/python" -m mypy --ignore-missing-imports src/dwebsocket || status=$?
+    "$venv/bin/python" -m ruff check --select F,E9 src tests bench conformance examples || status=$?
   fi
 done
 exit $status

@@ -279,6 +279,16 @@ def test_a_closed_connection_joins_no_group():
     assert group_size("units-closed") == 0 and group_size("units-other") == 0
 
 
+def test_djangos_own_get_asgi_application_serves_websockets_once_the_app_is_installed():
+    from django.core.asgi import get_asgi_application
+
+    from dwebsocket.asgi import WebSocketASGIHandler, install
+
+    install()  # idempotent: AppConfig.ready() ran it already
+    application = get_asgi_application()
+    assert type(application) is WebSocketASGIHandler  # and an ASGIHandler, for HTTP
+
+
 def test_closed_connection_state():
     connection, _ = open_connection()
     connection._closed(1006)

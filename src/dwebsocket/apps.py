@@ -10,7 +10,8 @@ class DWebSocketConfig(AppConfig):
     verbose_name = "dwebsocket"
 
     def ready(self) -> None:
-        from . import checks  # noqa: F401  (registers the system checks)
+        from . import asgi, checks  # noqa: F401  (checks: registers the system checks)
         from .servers import runserver
 
-        runserver.install()
+        runserver.install()  # manage.py runserver lends its sockets
+        asgi.install()  # django.core.asgi.get_asgi_application() serves WebSockets

@@ -1,7 +1,12 @@
-"""The ASGI entry point: ``from dwebsocket.asgi import get_asgi_application``.
+"""The ASGI application: Django's own for HTTP, plus the project's WebSocket views.
 
-Use it in ``asgi.py`` in place of Django's function of the same name. HTTP
-goes to Django's own ASGI handler, unchanged; WebSocket connections go
+With ``'dwebsocket'`` in ``INSTALLED_APPS`` the ``asgi.py`` that
+``startproject`` wrote needs no change: :func:`install` (run when the app is
+ready) makes ``django.core.asgi.get_asgi_application()`` return a
+:class:`WebSocketASGIHandler`. ``from dwebsocket.asgi import
+get_asgi_application`` gives the same application explicitly.
+
+HTTP goes to Django's ASGI handler, unchanged; WebSocket connections go
 through the same middleware and URLconf to views decorated with
 ``@require_websocket`` or ``@accept_websocket``.
 """
@@ -11,26 +16,41 @@ from __future__ import annotations
 from typing import Any
 
 import django
+import django.core.asgi
 from django.core.handlers.asgi import ASGIHandler
 
-__all__ = ["get_asgi_application"]
+__all__ = ["WebSocketASGIHandler", "get_asgi_application"]
 
 
-class _Application:
+class WebSocketASGIHandler(ASGIHandler):
+    """Django's ASGI handler, which also serves ``websocket`` scopes."""
+
     def __init__(self) -> None:
         from .servers.asgi import WebSocketHandler
 
-        self._http = ASGIHandler()
-        self._websocket = WebSocketHandler()
+        super().__init__()
+        self._websocket = WebSocketHandler()  # at startup: its warnings are seen then
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "websocket":
             await self._websocket(scope, receive, send)
         else:
-            await self._http(scope, receive, send)
+            await super().__call__(scope, receive, send)
 
 
-def get_asgi_application() -> Any:
+def get_asgi_application() -> WebSocketASGIHandler:
     """The ASGI application for the project: Django's, plus WebSocket views."""
     django.setup(set_prefix=False)
-    return _Application()
+    return WebSocketASGIHandler()
+
+
+def install() -> None:
+    """Make ``django.core.asgi.get_asgi_application()`` serve WebSocket views too.
+
+    Django's function builds its handler after ``django.setup()``, which runs
+    this: it then builds a :class:`WebSocketASGIHandler`. Idempotent; leaves
+    alone a handler class that another app put there.
+    """
+    module: Any = django.core.asgi
+    if module.ASGIHandler is ASGIHandler:
+        module.ASGIHandler = WebSocketASGIHandler

@@ -46,7 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.fanout import rss_kib  # noqa: E402
+from bench.fanout import cpu_seconds, rss_kib  # noqa: E402
 from tests.servers import PROJECTS, SERVERS, Project, RunningServer, no_control_socket, start_server  # noqa: E402
 
 import websockets  # noqa: E402
@@ -108,6 +108,7 @@ class Round:
     latencies: list[float]
     loaded_kib: int
     client_errors: int
+    cpu_ms_per_1000: float  # server CPU time per 1000 round trips, all its threads
 
 
 def payload(index: int) -> str:
@@ -144,15 +145,18 @@ async def run_round(server: RunningServer, path: str, clients: int, warmup: floa
     try:
         await asyncio.sleep(warmup)
         loaded = rss_kib(server.process.pid)
+        cpu_before = cpu_seconds(server.process.pid)
         window.measuring = True
         started = time.perf_counter()
         await asyncio.sleep(duration)
         window.measuring = False
         elapsed = time.perf_counter() - started
+        cpu = cpu_seconds(server.process.pid) - cpu_before
         window.done = True
         finished, pending = await asyncio.wait(tasks, timeout=REPLY_TIMEOUT)
         errors = len(pending) + sum(1 for t in finished if t.exception() is not None)
-        return Round(len(window.latencies) / elapsed, window.latencies, loaded, errors)
+        trips = len(window.latencies)
+        return Round(trips / elapsed, window.latencies, loaded, errors, cpu * 1e6 / max(trips, 1))
     finally:
         for task in tasks:
             task.cancel()
@@ -171,6 +175,7 @@ def summarise(rounds: list[Round], idle_kib: int, clients: int, tracebacks: int)
         "p50": statistics.median(percentile(r.latencies, 0.50) * 1000 for r in rounds),
         "p99": statistics.median(percentile(r.latencies, 0.99) * 1000 for r in rounds),
         "kib": statistics.median((r.loaded_kib - idle_kib) / clients for r in rounds),
+        "cpu": statistics.median(r.cpu_ms_per_1000 for r in rounds),
         "tracebacks": tracebacks,
         "client_errors": sum(r.client_errors for r in rounds),
     }
@@ -204,7 +209,8 @@ def measure_all(args: argparse.Namespace) -> tuple[dict[str, dict[str, float]], 
                     failures[config.key] = f"round {number}: {exc!r}"
                     continue
                 rounds[config.key].append(result)
-                print(f"  round {number} {config.key}: {result.rate:,.0f} round trips/s", file=sys.stderr, flush=True)
+                print(f"  round {number} {config.key}: {result.rate:,.0f} round trips/s, "
+                      f"{result.cpu_ms_per_1000:.0f} server CPU ms per 1000", file=sys.stderr, flush=True)
     results = {}
     for config in CONFIGS:
         if config.key in failures:
@@ -230,19 +236,22 @@ def versions() -> str:
 
 
 def print_table(results: dict[str, dict[str, float]], failures: dict[str, str]) -> None:
-    print("| stack | view | server | round trips/s | p50 ms | p99 ms | server KiB per connection | server tracebacks |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| stack | view | server | round trips/s | server CPU ms per 1000 round trips | p50 ms | p99 ms "
+          "| server KiB per connection | server tracebacks |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for config in CONFIGS:
         start = f"| {config.stack} | {config.view} | {config.server} |"
         if config.key in failures:
-            print(f"{start} failed: {failures[config.key]} | | | | |")
+            print(f"{start} failed: {failures[config.key]} | | | | | |")
             continue
         r = results[config.key]
-        print(f"{start} {r['rate']:,.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['kib']:.1f} | {r['tracebacks']} |")
+        print(f"{start} {r['rate']:,.0f} | {r['cpu']:.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['kib']:.1f} "
+              f"| {r['tracebacks']} |")
     for label, mine, theirs in RATIOS:
         if mine in results and theirs in results:
             d, o = results[mine], results[theirs]
-            print(f"| **ratio** | {label} | | **{d['rate'] / o['rate']:.2f}x** | {d['p50'] / o['p50']:.2f} "
+            print(f"| **ratio** | {label} | | **{d['rate'] / o['rate']:.2f}x** | {d['cpu'] / o['cpu']:.2f} "
+                  f"| {d['p50'] / o['p50']:.2f} "
                   f"| {d['p99'] / o['p99']:.2f} | {d['kib'] / o['kib']:.2f} | |")
     for config in CONFIGS:
         errors = results.get(config.key, {}).get("client_errors")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import time
@@ -51,6 +52,18 @@ def rss_kib(pid: int) -> int:
     return total
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) used so far by *pid* and its children, every thread counted."""
+    ticks = 0
+    for candidate in [pid, *_children(pid)]:
+        try:
+            fields = Path(f"/proc/{candidate}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def _children(pid: int) -> list[int]:
     try:
         kids = [int(k) for k in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
@@ -59,14 +72,27 @@ def _children(pid: int) -> list[int]:
     return kids + [g for k in kids for g in _children(k)]
 
 
+#: Handshakes a server refused (HTTP 5xx) and the client tried again, by run.
+refusals = {"count": 0}
+
+
+async def _connect(uri: str, attempts: int = 10):
+    """Connect; a refused handshake is counted and tried again (channels-redis refuses bursts)."""
+    for attempt in range(attempts):
+        try:
+            return await websockets.connect(uri, open_timeout=60, max_queue=None)
+        except websockets.InvalidStatus:
+            if attempt == attempts - 1:
+                raise
+            refusals["count"] += 1
+            await asyncio.sleep(0.2 * (attempt + 1))
+
+
 async def connect_all(uris: list[str]) -> list:
     """Connect in batches of 20 (channels-redis's default pool refuses bigger bursts)."""
     clients = []
     for start in range(0, len(uris), 20):
-        batch = await asyncio.gather(
-            *(websockets.connect(u, open_timeout=60, max_queue=None) for u in uris[start:start + 20])
-        )
-        clients.extend(batch)
+        clients.extend(await asyncio.gather(*(_connect(u) for u in uris[start:start + 20])))
     return clients
 
 
@@ -107,6 +133,7 @@ def measure(stack: str, processes: int, members: int, messages: int, rounds: int
             for _ in range(processes)
         ]
         ports = [s.port for s in servers]
+        refusals["count"] = 0
         idle = sum(rss_kib(s.process.pid) for s in servers)
         rates, p50s, p99s, per_member = [], [], [], []
         for _ in range(rounds):
@@ -128,6 +155,7 @@ def measure(stack: str, processes: int, members: int, messages: int, rounds: int
         errors = sum(server.log_text().count("Traceback") for server in servers)
     return {
         "errors": errors,
+        "refused": refusals["count"],
         "rate": statistics.median(rates),
         "p50": statistics.median(p50s),
         "p99": statistics.median(p99s),
@@ -142,21 +170,22 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     print(f"Fan-out to {args.members} members, {args.messages} broadcasts, median of {args.rounds} rounds (uvicorn)\n")
-    print("| configuration | stack | deliveries/s | p50 ms | p99 ms | server KiB per member | server tracebacks |")
-    print("|---|---|---|---|---|---|---|")
+    print("| configuration | stack | deliveries/s | p50 ms | p99 ms | server KiB per member | server tracebacks "
+          "| handshakes refused and retried |")
+    print("|---|---|---|---|---|---|---|---|")
     for processes, label in ((1, "1 process, in memory"), (2, "2 processes, Redis")):
         results = {}
         for stack in ("dwebsocket", "channels"):
             results[stack] = r = measure(stack, processes, args.members, args.messages, args.rounds)
             print(
                 f"| {label} | {stack} | {r['rate']:,.0f} | {r['p50']:.1f} | {r['p99']:.1f} "
-                f"| {r['kib']:.1f} | {r['errors']} |",
+                f"| {r['kib']:.1f} | {r['errors']} | {r['refused']} |",
                 flush=True,
             )
         d, c = results["dwebsocket"], results["channels"]
         print(
             f"| {label} | **ratio** | **{d['rate'] / c['rate']:.2f}x** | {d['p50'] / c['p50']:.2f} | "
-            f"{d['p99'] / c['p99']:.2f} | {d['kib'] / c['kib']:.2f} | |",
+            f"{d['p99'] / c['p99']:.2f} | {d['kib'] / c['kib']:.2f} | | |",
             flush=True,
         )
     return 0

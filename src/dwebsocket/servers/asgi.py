@@ -52,12 +52,19 @@ class _Finished(HttpResponse):
     status_code = 101
 
 
+_HANDED_OVER = 32  # sends a thread may hand to the loop before it waits for them
+
+
 class AsgiTransport:
     """Carries one connection over ASGI messages.
 
     Runs on the server's event loop. Threads (sync views, or any thread that
-    broadcasts) reach it through ``run_coroutine_threadsafe``; ``_send_lock``
-    (an asyncio lock, owned by the loop) keeps sends in order.
+    broadcasts) reach it through ``call_soon_threadsafe``, which keeps their
+    order; ``_send_lock`` (an asyncio lock, owned by the loop, first come first
+    served) keeps sends in that order on the loop. A thread's ``send()`` hands
+    the message over without waiting for it to be written: ``_handed_over``
+    (a semaphore) bounds how many it may have handed over and not yet written,
+    so that a view that outpaces its client waits for it.
     """
 
     def __init__(
@@ -70,6 +77,7 @@ class AsgiTransport:
         self._connection = connection
         self._limits = limits
         self._send_lock = asyncio.Lock()
+        self._handed_over = threading.BoundedSemaphore(_HANDED_OVER)
         self._close_sent = False  # owned by the loop
         # Owned by the loop: the client is gone, and what afinish() waits on for it.
         self._disconnected = False
@@ -111,10 +119,23 @@ class AsgiTransport:
             # async view): the send cannot be awaited here, so it is scheduled.
             self._loop.create_task(self.asend(message))
             return not (self._close_sent or self._disconnected)
-        try:
-            return bool(self._call(self.asend(message)))
-        except RuntimeError:  # the loop is closed: the server is shutting down
+        if self._close_sent or self._disconnected:  # a stale read only delays this answer
             return False
+        self._handed_over.acquire()  # waits while the client is that far behind
+        sending = self._send_handed_over(message)
+        try:
+            self._loop.call_soon_threadsafe(self._spawn, sending)
+        except RuntimeError:  # the loop is closed: the server is shutting down
+            sending.close()
+            self._handed_over.release()
+            return False
+        return True
+
+    async def _send_handed_over(self, message: Message) -> None:
+        try:
+            await self.asend(message)
+        finally:
+            self._handed_over.release()
 
     def offer(self, encoded: Any) -> bool:
         with self._offered_lock:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import time
 import urllib.error
@@ -13,7 +12,7 @@ import urllib.request
 
 from websockets.sync.client import connect
 
-from .servers import ROOT, free_port
+from .servers import ROOT, free_port, stop_process_group
 
 START_SECONDS = 300  # a fresh machine builds .venvs/chat first
 
@@ -60,10 +59,4 @@ def test_the_readmes_first_command_serves_the_chat(tmp_path):
             assert b"function DWebSocket" in js.read()
         assert "Traceback" not in log.read_text()  # read before the server stops
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop_process_group(process)

@@ -284,9 +284,9 @@ def test_djangos_own_get_asgi_application_serves_websockets_once_the_app_is_inst
 
     from dwebsocket.asgi import WebSocketASGIHandler, install
 
-    install()  # idempotent: AppConfig.ready() ran it already
-    application = get_asgi_application()
-    assert type(application) is WebSocketASGIHandler  # and an ASGIHandler, for HTTP
+    assert type(get_asgi_application()) is WebSocketASGIHandler  # AppConfig.ready() installed it
+    install()  # idempotent
+    assert type(get_asgi_application()) is WebSocketASGIHandler  # and an ASGIHandler, for HTTP
 
 
 def test_closed_connection_state():

@@ -71,6 +71,24 @@ def check_group_broadcast(server, view):
         wait_for(lambda: presence(server, group)["size"] == 2, what="a member leaving")
 
 
+@pytest.mark.parametrize("kind", ["gthread", "gevent", "uvicorn"])
+def test_a_burst_reaches_every_member_that_reads_in_order(kind):
+    # 2000 broadcasts from one loop fill any queue faster than a client reads:
+    # that is a burst, not a slow member, and nobody is cut for it.
+    group, members, count = "burst", 20, 2000
+    with start_server(kind) as running, contextlib.ExitStack() as stack:
+        clients = [stack.enter_context(ws_connect(running, f"/group/{group}/")) for _ in range(members)]
+        for client in clients:
+            joined(client)
+        wait_for(lambda: presence(running, group)["size"] == members, what=f"{members} members")
+        assert running.get(f"/broadcast/{group}/?n={count}&m=burst")[0] == 200
+        for client in clients:
+            got = [client.recv(timeout=10) for _ in range(count)]
+            assert got == [f"burst {index}" for index in range(count)]
+        assert presence(running, group)["size"] == members
+        assert "Traceback" not in running.log_text()
+
+
 @pytest.mark.parametrize("kind", ["gthread", "uvicorn"])
 def test_a_slow_member_does_not_slow_the_others(kind):
     group = "flood"

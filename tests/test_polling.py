@@ -282,3 +282,21 @@ def test_polls_alternate_between_two_processes_through_redis():
                 poller.server = second
                 assert poller.receive(1) == ["from websocket"]
                 poller.close()
+
+
+@pytest.mark.parametrize("kind", ["gthread", "uvicorn"])
+def test_an_idle_poll_through_redis_outlasts_the_clients_default_socket_timeout(kind):
+    # redis-py 8 gives a connection a 5 s socket timeout unless told otherwise; a
+    # poll's BLPOP waits WEBSOCKET_POLL_TIMEOUT, here 7 s, and must answer empty.
+    with start_redis() as redis_server:
+        env = {"DWS_TEST_BROKER": redis_server.url, "DWS_TEST_POLL_TIMEOUT": "7"}
+        with start_server(kind, env=env) as running:
+            client = PollClient(running, f"/echo/?id={uuid.uuid4().hex}")
+            assert client.open()[0] == 200
+            started = time.monotonic()
+            assert client.poll() == ([], None)
+            assert time.monotonic() - started >= 6.5
+            assert client.send("still there") == 204
+            assert client.receive(1) == ["still there"]
+            client.close()
+            assert "Traceback" not in running.log_text()

@@ -177,3 +177,35 @@ def test_send_waits_while_the_views_queue_is_full(client):
         with pytest.raises(TimeoutError):
             ws.send("5", timeout=0.05)  # full again until the next sleep ends
         assert [ws.receive() for _ in range(4)] == ["1", "2", "3", "4"]
+
+
+@override_settings(WEBSOCKET_MAX_MESSAGE_SIZE=10)
+def test_a_message_over_the_size_limit_closes_with_1009_as_on_a_server(client):
+    key = uuid.uuid4().hex
+    with client.connect("/echo/", {"id": key}) as ws:
+        assert ws.send("x" * 10)
+        assert ws.receive() == "x" * 10
+        ws.send("é" * 6)  # 12 bytes of UTF-8
+        assert ws.receive() is None
+        assert (ws.close_code, ws.close_reason) == (1009, "message too big")
+    assert views._results[key]["close_code"] == 1009
+
+
+@override_settings(WEBSOCKET_BROADCAST_QUEUE=5)
+def test_a_test_connection_that_stops_reading_broadcasts_is_cut_as_on_a_server(client):
+    from dwebsocket import broadcast
+    from dwebsocket.transports.policy import STALL_SECONDS
+
+    with client.connect("/group/testing-slow/") as reader, client.connect("/group/testing-slow/") as stalled:
+        assert reader.receive().startswith("joined ") and stalled.receive().startswith("joined ")
+        for n in range(20):  # a burst: more than the queue, and nobody is cut for it
+            broadcast("testing-slow", f"burst {n}")
+        assert [reader.receive() for _ in range(20)] == [f"burst {n}" for n in range(20)]
+        time.sleep(STALL_SECONDS + 0.1)  # "stalled" has read nothing all along
+        broadcast("testing-slow", "one more")
+        assert reader.receive() == "one more"
+        received = []
+        while (message := stalled.receive()) is not None:
+            received.append(message)
+        assert received == [f"burst {n}" for n in range(20)]  # what was queued before the cut
+        assert stalled.close_code == 1013

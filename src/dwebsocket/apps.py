@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from django.apps import AppConfig
 
+__all__ = ["DWebSocketConfig"]
+
 
 class DWebSocketConfig(AppConfig):
     name = "dwebsocket"
     verbose_name = "dwebsocket"
 
     def ready(self) -> None:
+        # Imported once the app registry is ready: these modules use Django's
+        # handlers and register system checks.
         from . import asgi, checks  # noqa: F401  (checks: registers the system checks)
-        from .servers import runserver
+        from .transports.wsgi import runserver
 
         runserver.install()  # manage.py runserver lends its sockets
         asgi.install()  # django.core.asgi.get_asgi_application() serves WebSockets

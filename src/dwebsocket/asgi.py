@@ -19,6 +19,8 @@ import django
 import django.core.asgi
 from django.core.handlers.asgi import ASGIHandler
 
+from .transports.asgi.handler import WebSocketHandler
+
 __all__ = ["WebSocketASGIHandler", "get_asgi_application"]
 
 
@@ -26,8 +28,6 @@ class WebSocketASGIHandler(ASGIHandler):
     """Django's ASGI handler, which also serves ``websocket`` scopes."""
 
     def __init__(self) -> None:
-        from .servers.asgi import WebSocketHandler
-
         super().__init__()
         self._websocket = WebSocketHandler()  # at startup: its warnings are seen then
 

@@ -10,6 +10,8 @@ from django.core.checks import Error, Warning, register
 
 from . import conf
 
+__all__ = ["check_broker_reachable", "check_settings"]
+
 _MIDDLEWARE = "dwebsocket.middleware.WebSocketMiddleware"
 
 
@@ -53,7 +55,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error | Warni
             )
         )
     broker = conf.get("WEBSOCKET_BROKER")
-    if not (broker == "memory" or (isinstance(broker, str) and broker.startswith(("redis://", "rediss://", "unix://")))):
+    if not (broker == "memory" or conf.is_redis_url(broker)):
         errors.append(
             Error(
                 f"WEBSOCKET_BROKER must be \"memory\" or a Redis URL; it is {broker!r}.",
@@ -98,7 +100,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error | Warni
 def check_broker_reachable(app_configs: Any = None, **kwargs: Any) -> list[Error]:
     """``manage.py check --deploy``: the Redis broker answers."""
     url = conf.get("WEBSOCKET_BROKER")
-    if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
+    if not conf.is_redis_url(url):
         return []
     import redis
 

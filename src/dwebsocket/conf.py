@@ -1,15 +1,19 @@
 """Every dwebsocket setting, with its default, in one place.
 
+A leaf module: the per-connection view of these settings is
+:class:`dwebsocket.transports.policy.Limits`.
+
 Settings are read from ``django.conf.settings`` each time a connection opens,
 so ``override_settings`` in tests and per-process settings modules both work.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
+
+__all__ = ["DEFAULTS", "get", "is_redis_url"]
 
 #: The settings dwebsocket reads, and the value used when a project leaves one out.
 DEFAULTS: dict[str, Any] = {
@@ -56,28 +60,6 @@ def get(name: str) -> Any:
     return getattr(settings, name, DEFAULTS[name])
 
 
-@dataclass(frozen=True)
-class Limits:
-    """The per-connection limits, read once when a connection opens."""
-
-    max_message_size: int | None
-    max_queue: int
-    ping_interval: float | None
-    ping_timeout: float | None
-    close_timeout: float
-    compression: bool
-    broadcast_queue: int
-    broadcast_overflow: str
-
-    @classmethod
-    def from_settings(cls) -> Limits:
-        return cls(
-            max_message_size=get("WEBSOCKET_MAX_MESSAGE_SIZE"),
-            max_queue=get("WEBSOCKET_MAX_QUEUE"),
-            ping_interval=get("WEBSOCKET_PING_INTERVAL"),
-            ping_timeout=get("WEBSOCKET_PING_TIMEOUT"),
-            close_timeout=get("WEBSOCKET_CLOSE_TIMEOUT"),
-            compression=bool(get("WEBSOCKET_COMPRESSION")),
-            broadcast_queue=get("WEBSOCKET_BROADCAST_QUEUE"),
-            broadcast_overflow=get("WEBSOCKET_BROADCAST_OVERFLOW"),
-        )
+def is_redis_url(url: object) -> bool:
+    """Whether *url* (a WEBSOCKET_BROKER value) names a Redis server."""
+    return isinstance(url, str) and url.startswith(("redis://", "rediss://", "unix://"))

@@ -1,9 +1,14 @@
 """The connection a view talks through, independent of Django and of the server.
 
 A :class:`Connection` is an inbound message queue plus a ``send()`` that any
-thread may call. A *transport* (the WSGI socket driver, and later the ASGI and
-long-polling ones) fills the queue and carries out sends and closes; the view
-consumes the queue. The connection knows nothing about how bytes move.
+thread may call. A *transport* (``dwebsocket.transports``: a WSGI server's
+socket, ASGI, long-polling, the test client) fills the queue and carries out
+sends and closes; the view consumes the queue. The connection knows nothing
+about how bytes move, and nothing about groups: code that must know when a
+connection ends registers an on-close hook (:meth:`Link.on_close`).
+
+Transports never touch the connection's insides: they get its :class:`Link`,
+the named, typed interface of what a transport may do to a connection.
 """
 
 from __future__ import annotations
@@ -14,13 +19,12 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol, Union
+from typing import Protocol
 
-#: What a WebSocket message is: ``str`` for a text frame, ``bytes`` for a binary one.
-Message = Union[str, bytes]
+from .messages import Frame, Message, check_close_code, check_message
+from .transports.policy import Limits
 
-# Close codes a view may send (RFC 6455 section 7.4 and the IANA registry).
-_SENDABLE_CODES = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
+__all__ = ["CLOSED", "CLOSING", "CONNECTING", "OPEN", "Connection", "Link", "Transport", "wake_future"]
 
 CONNECTING, OPEN, CLOSING, CLOSED = "CONNECTING", "OPEN", "CLOSING", "CLOSED"
 
@@ -40,12 +44,12 @@ class Transport(Protocol):
     async def aclose(self, code: int, reason: str) -> None:
         """Start the closing handshake from a coroutine."""
 
-    def offer(self, encoded: Any) -> bool:
-        """Queue a broadcast without waiting; ``False`` if it was not queued."""
+    def offer(self, frame: Frame) -> bool:
+        """Send a broadcast without ever waiting; ``False`` if it was not taken."""
 
 
 def wake_future(loop: asyncio.AbstractEventLoop) -> tuple[asyncio.Future[None], Callable[[], None]]:
-    """A future on *loop*, and a listener (see :meth:`Connection._listen`) that resolves it.
+    """A future on *loop*, and a listener (see :meth:`Link.listen`) that resolves it.
 
     How coroutines wait for a connection: called on the loop's own thread (an
     ASGI receive loop delivering a message) the listener resolves the future at
@@ -65,107 +69,54 @@ def wake_future(loop: asyncio.AbstractEventLoop) -> tuple[asyncio.Future[None], 
         if on_loop:
             resolve()
         else:
-            loop.call_soon_threadsafe(resolve)
+            try:
+                loop.call_soon_threadsafe(resolve)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                pass
 
     return future, listener
-
-
-def check_close_code(code: int, reason: str) -> None:
-    """Raise ``ValueError`` unless *code* and *reason* may go in a close frame."""
-    if not (code in _SENDABLE_CODES or 3000 <= code <= 4999):
-        raise ValueError(
-            f"{code} is not a close code a server may send; use 1000 (normal), "
-            "1001 (going away), 1008 (policy), 1011 (error) or an application code 3000-4999."
-        )
-    if len(reason.encode("utf-8")) > 123:
-        raise ValueError("A close reason must fit in 123 bytes of UTF-8.")
-
-
-def check_message(message: object) -> Message:
-    """Return *message* as ``str`` or ``bytes``, or raise ``TypeError`` naming the fix."""
-    if isinstance(message, (str, bytes)):
-        return message
-    if isinstance(message, (bytearray, memoryview)):
-        return bytes(message)
-    raise TypeError(
-        f"send() takes str (a text frame) or bytes (a binary frame), not "
-        f"{type(message).__name__}; for JSON, send json.dumps(data)."
-    )
 
 
 class Connection:
     """One WebSocket connection: an inbound queue and a thread-safe ``send()``.
 
     Concurrency: ``_cond`` (one lock) owns ``_messages``, ``_state``,
-    ``_close_code``, ``_close_reason`` and ``_listeners``. The transport's
-    reader is the only producer of messages; any thread may consume them or
-    send. Listeners (how coroutines wait, see :meth:`_listen`) are called with
-    the lock held and must only schedule work, never block.
+    ``_close_code``, ``_close_reason``, ``_transport``, ``_listeners`` and
+    ``_close_hooks``. The transport is the only producer of messages; any
+    thread may consume them or send. Listeners (how coroutines wait, see
+    :meth:`Link.listen`) are called with the lock held and must only schedule
+    work, never block. Close hooks run once, after the lock is released.
     """
 
-    def __init__(self, *, max_queue: int = 64) -> None:
+    def __init__(self, limits: Limits | None = None) -> None:
+        self._limits = limits or Limits()
         self._cond = threading.Condition()
         self._messages: deque[Message] = deque()
-        self._max_queue = max_queue
         self._state = CONNECTING
         self._close_code: int | None = None
         self._close_reason = ""
         self._transport: Transport | None = None
         self._listeners: set[Callable[[], object]] = set()
+        self._close_hooks: list[Callable[[Link], object]] = []
         #: A unique id for this connection, across every process of a deployment.
         self.id = uuid.uuid4().hex
-        # The groups this connection is in; changed by dwebsocket.groups only,
-        # under _groups_lock, which also makes a join and the leave-all at close
-        # exclusive (a join never lands after the close has left every group).
-        self._groups: set[str] = set()
-        self._groups_lock = threading.Lock()
+        self._link = Link(self)
 
-    # -- for subclasses and transports --------------------------------------
+    # -- for subclasses -------------------------------------------------------
 
     def _start(self) -> None:
         """Open the connection on first use (the handshake is answered lazily)."""
 
-    def _opened(self, transport: Transport) -> None:
-        with self._cond:
-            self._transport = transport
-            if self._state == CONNECTING:
-                self._state = OPEN
+    @property
+    def user_id(self) -> str | None:
+        """The primary key of the user of this connection, if known (for presence)."""
+        return None
 
     def _changed(self) -> None:
         """Wake every waiter, threads and coroutines; call with ``_cond`` held."""
         self._cond.notify_all()
         for listener in self._listeners:
             listener()
-
-    def _listen(self, listener: Callable[[], object]) -> Callable[[], None]:
-        """Call *listener* on every change of the queue or state; returns the undo."""
-        with self._cond:
-            self._listeners.add(listener)
-
-        def remove() -> None:
-            with self._cond:
-                self._listeners.discard(listener)
-
-        return remove
-
-    def _deliver(self, message: Message) -> None:
-        """Queue a received message; blocks while the queue is full (backpressure)."""
-        with self._cond:
-            while len(self._messages) >= self._max_queue and self._state == OPEN:
-                self._cond.wait()
-            if self._state == OPEN:  # after close() new messages are dropped
-                self._messages.append(message)
-                self._changed()
-
-    def _deliver_nowait(self, message: Message) -> bool:
-        """Queue a received message unless the queue is full; ``False`` means wait and retry."""
-        with self._cond:
-            if len(self._messages) >= self._max_queue and self._state == OPEN:
-                return False
-            if self._state == OPEN:
-                self._messages.append(message)
-                self._changed()
-            return True
 
     def _pop(self) -> Message | None:
         """The next message, or ``None``; call with ``_cond`` held."""
@@ -175,38 +126,9 @@ class Connection:
         self._changed()  # a producer may be waiting for room
         return message
 
-    def _closed(self, code: int, reason: str = "") -> None:
-        """Record that the connection is closed; wakes every waiter; leaves every group."""
+    def _open_transport(self) -> Transport | None:
         with self._cond:
-            first = self._state != CLOSED
-            if first:
-                self._state = CLOSED
-                self._close_code = code
-                self._close_reason = reason
-            self._changed()
-        if first:
-            from . import groups
-
-            groups.leave_all(self)
-
-    def _offer(self, encoded: Any) -> bool:
-        """Queue a broadcast for this client without waiting (see dwebsocket.groups)."""
-        transport = self._open_transport()
-        return transport is not None and transport.offer(encoded)
-
-    @property
-    def user_id(self) -> str | None:
-        """The primary key of the user of this connection, if known (for presence)."""
-        return None
-
-    def _begin_close(self) -> Transport | None:
-        """Move to CLOSING; the transport to send the close frame on, if still open."""
-        with self._cond:
-            if self._state != OPEN:
-                return None
-            self._state = CLOSING
-            self._changed()  # a reader blocked on a full queue stops waiting
-            return self._transport
+            return self._transport if self._state == OPEN else None
 
     # -- the public API -------------------------------------------------------
 
@@ -258,10 +180,6 @@ class Connection:
         transport = self._open_transport()
         return transport is not None and transport.send(message)
 
-    def _open_transport(self) -> Transport | None:
-        with self._cond:
-            return self._transport if self._state == OPEN else None
-
     def close(self, code: int = 1000, reason: str = "") -> None:
         """Start the closing handshake with *code* and *reason*; idempotent.
 
@@ -270,7 +188,7 @@ class Connection:
         """
         check_close_code(code, reason)
         self._start()
-        transport = self._begin_close()
+        transport = self._link.begin_close()
         if transport is not None:
             transport.close(code, reason)
 
@@ -303,22 +221,6 @@ class Connection:
         """The reason in the client's close frame, or ``""``."""
         return self._close_reason
 
-    def join(self, group: str) -> None:
-        """Add this connection to *group*; it leaves by itself when it closes.
-
-        Answers the handshake first, if the view has not used the connection yet.
-        """
-        from . import groups
-
-        self._start()
-        groups.wait_for(groups.join(self, group))
-
-    def leave(self, group: str) -> None:
-        """Remove this connection from *group*."""
-        from . import groups
-
-        groups.wait_for(groups.leave(self, group))
-
     def __iter__(self) -> Iterator[Message]:
         """Yield each message until the connection closes."""
         while True:
@@ -326,3 +228,128 @@ class Connection:
             if message is None:
                 return
             yield message
+
+
+class Link:
+    """What a transport (and a group) may do to a :class:`Connection`.
+
+    The one interface between a connection and the layers that move its
+    bytes: a transport reports the open, the messages that arrive and the
+    close through it; the groups offer broadcasts through it and learn of the
+    close through :meth:`on_close`. Every method is safe from any thread.
+    """
+
+    __slots__ = ("_connection", "id", "limits")
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+        #: The connection's id (see :attr:`Connection.id`).
+        self.id: str = connection.id
+        #: The limits the connection was opened with.
+        self.limits: Limits = connection._limits
+
+    @property
+    def user_id(self) -> str | None:
+        """The primary key of the connection's user, if known (for presence)."""
+        return self._connection.user_id
+
+    @property
+    def closed(self) -> bool:
+        """Whether the connection is fully closed."""
+        return self._connection._state == CLOSED
+
+    @property
+    def open(self) -> bool:
+        """Whether the connection is open: no close frame sent or received."""
+        return self._connection._state == OPEN
+
+    def opened(self, transport: Transport) -> None:
+        """The handshake was answered: *transport* carries the connection from now on."""
+        c = self._connection
+        with c._cond:
+            c._transport = transport
+            if c._state == CONNECTING:
+                c._state = OPEN
+
+    def deliver(self, message: Message) -> None:
+        """Queue a received message; blocks while the queue is full (backpressure)."""
+        c = self._connection
+        with c._cond:
+            while len(c._messages) >= c._limits.max_queue and c._state == OPEN:
+                c._cond.wait()
+            if c._state == OPEN:  # after close() new messages are dropped
+                c._messages.append(message)
+                c._changed()
+
+    def deliver_nowait(self, message: Message) -> bool:
+        """Queue a received message unless the queue is full; ``False`` means wait and retry."""
+        c = self._connection
+        with c._cond:
+            if len(c._messages) >= c._limits.max_queue and c._state == OPEN:
+                return False
+            if c._state == OPEN:
+                c._messages.append(message)
+                c._changed()
+            return True
+
+    def listen(self, listener: Callable[[], object]) -> Callable[[], None]:
+        """Call *listener* on every change of the queue or state; returns the undo."""
+        c = self._connection
+        with c._cond:
+            c._listeners.add(listener)
+
+        def remove() -> None:
+            with c._cond:
+                c._listeners.discard(listener)
+
+        return remove
+
+    def begin_close(self) -> Transport | None:
+        """Move to CLOSING; the transport to send the close frame on, if still open."""
+        c = self._connection
+        with c._cond:
+            if c._state != OPEN:
+                return None
+            c._state = CLOSING
+            c._changed()  # a transport blocked on a full queue stops waiting
+            return c._transport
+
+    def closed_with(self, code: int, reason: str = "") -> None:
+        """Record that the connection is closed; wakes every waiter, runs the close hooks once."""
+        c = self._connection
+        with c._cond:
+            first = c._state != CLOSED
+            if first:
+                c._state = CLOSED
+                c._close_code = code
+                c._close_reason = reason
+                hooks, c._close_hooks = c._close_hooks, []
+            c._changed()
+        if first:
+            for hook in hooks:
+                hook(self)
+
+    def on_close(self, hook: Callable[[Link], object]) -> bool:
+        """Call *hook* (with this link) once the connection is closed.
+
+        Returns ``False``, and registers nothing, if it is closed already: the
+        caller then knows the hook will never run.
+        """
+        c = self._connection
+        with c._cond:
+            if c._state == CLOSED:
+                return False
+            if hook not in c._close_hooks:
+                c._close_hooks.append(hook)
+            return True
+
+    def offer(self, frame: Frame) -> bool:
+        """Hand a broadcast to the transport without waiting; ``False`` if it was not taken."""
+        c = self._connection
+        # Read without _cond, on the hot path of a broadcast: a connection that
+        # closes meanwhile is refused by its transport, which checks its own state.
+        transport = c._transport
+        return transport is not None and c._state == OPEN and transport.offer(frame)
+
+    def __repr__(self) -> str:
+        return f"<Link {self.id} {self._connection._state}>"

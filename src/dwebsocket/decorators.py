@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar, overload
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
-from django.core import signals
 from django.http import HttpRequest, HttpResponseBadRequest
 from django.http.response import HttpResponseBase
 
-from .connection import CONNECTING
-from .websocket import AsyncWebSocket, WebSocket, attach
-
-logger = logging.getLogger("dwebsocket")
+from .websocket import arun_websocket_view, attach, run_websocket_view
 
 View = TypeVar("View", bound=Callable[..., Any])
 
@@ -23,89 +18,6 @@ _NOT_WEBSOCKET = (
     "This URL speaks WebSocket only: connect with a WebSocket client "
     "(new WebSocket('ws://...') in a browser).\n"
 )
-
-
-def _name(view: Callable[..., Any]) -> str:
-    return getattr(view, "__qualname__", None) or repr(view)
-
-
-def _view_failed(websocket: WebSocket, view: Callable[..., Any]) -> bool:
-    """After the view raised: True to re-raise (nothing sent yet), else log it."""
-    if websocket._state == CONNECTING:
-        websocket._refuse()
-        return True  # Django answers the handshake with its usual 500 page
-    logger.exception("dwebsocket: error in WebSocket view %s", _name(view))
-    # As Django does for any view's error (error reporters, the test client).
-    signals.got_request_exception.send(sender=None, request=websocket._request)
-    return False
-
-
-def _refusal(websocket: WebSocket, response: Any) -> HttpResponseBase | None:
-    """A response the view returned before touching the connection refuses the handshake."""
-    if isinstance(response, HttpResponseBase) and websocket._state == CONNECTING:
-        websocket._refuse()
-        return response
-    return None
-
-
-def run_websocket_view(
-    view: Callable[..., Any],
-    request: HttpRequest,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    subprotocols: Iterable[str] | None = None,
-) -> HttpResponseBase:
-    """Run a sync *view* for a WebSocket handshake; the response for the server.
-
-    The handshake is checked first (a bad one or a foreign origin is refused
-    before the view runs). If the view returns a response without having used
-    ``request.websocket``, that response refuses the handshake. Otherwise the
-    connection is closed when the view returns, with 1011 if it raised.
-    """
-    websocket = attach(request)
-    assert websocket is not None
-    refusal = websocket._prepare(subprotocols)
-    if refusal is not None:
-        return refusal
-    try:
-        response = view(request, *args, **kwargs)
-    except Exception:
-        if _view_failed(websocket, view):
-            raise
-        websocket.close(1011, "internal error")
-    else:
-        refused = _refusal(websocket, response)
-        if refused is not None:
-            return refused
-    return websocket._finish()
-
-
-async def arun_websocket_view(
-    view: Callable[..., Any],
-    request: HttpRequest,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    subprotocols: Iterable[str] | None = None,
-) -> HttpResponseBase:
-    """:func:`run_websocket_view` for an ``async def`` view."""
-    websocket = attach(request)
-    assert websocket is not None
-    refusal = websocket._prepare(subprotocols)
-    if refusal is not None:
-        return refusal
-    connection = AsyncWebSocket(websocket)
-    request.websocket = connection  # type: ignore[attr-defined]
-    try:
-        response = await view(request, *args, **kwargs)
-    except Exception:
-        if _view_failed(websocket, view):
-            raise
-        await connection.close(1011, "internal error")
-    else:
-        refused = _refusal(websocket, response)
-        if refused is not None:
-            return refused
-    return await websocket._afinish()
 
 
 def _websocket_view(view: View, *, required: bool, subprotocols: Iterable[str] | None) -> View:

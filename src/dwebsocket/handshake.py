@@ -23,6 +23,8 @@ from wsproto.utilities import RemoteProtocolError
 
 from . import conf
 
+__all__ = ["Handshake", "HandshakeError", "check_origin", "is_websocket_request", "origin_allowed"]
+
 
 class HandshakeError(Exception):
     """A handshake dwebsocket refuses, with the HTTP status to answer it with."""

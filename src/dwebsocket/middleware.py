@@ -10,10 +10,11 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
 from django.http.response import HttpResponseBase
 
 from . import conf
-from .decorators import arun_websocket_view, run_websocket_view
-from .servers import polling
-from .servers.wsgi import gevent_patched
-from .websocket import attach
+from .transports.polling import http as polling
+from .transports.wsgi.loan import gevent_patched
+from .websocket import arun_websocket_view, attach, run_websocket_view
+
+__all__ = ["WebSocketMiddleware"]
 
 _NOT_ACCEPTED = (
     "This URL does not accept WebSocket connections. Decorate its view with "
@@ -31,7 +32,7 @@ _ASYNC_NOT_DECORATED = (
 
 
 def _polling_action(request: HttpRequest) -> str | None:
-    """The long-polling action this request asks for, if any (see servers/polling.py)."""
+    """The long-polling action this request asks for, if any (see transports/polling/)."""
     if "dwebsocket=" not in request.META.get("QUERY_STRING", ""):
         return None  # every plain request: no query parsing here
     action = request.GET.get("dwebsocket")
@@ -89,15 +90,15 @@ class WebSocketMiddleware:
         if self._async:
             return self.__acall__(request)
         action = _polling_action(request)
-        if action not in (None, "open"):
-            return polling.handle(request, action)  # type: ignore[arg-type]
+        if action is not None and action != "open":
+            return polling.handle(request, action)
         attach(request)
         return self.get_response(request)
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
         action = _polling_action(request)
-        if action not in (None, "open"):
-            return await polling.ahandle(request, action)  # type: ignore[arg-type]
+        if action is not None and action != "open":
+            return await polling.ahandle(request, action)
         attach(request)
         response: Awaitable[HttpResponseBase] = self.get_response(request)
         return await response
@@ -112,11 +113,12 @@ class WebSocketMiddleware:
         """:meth:`process_view` in an async stack."""
         if getattr(request, "websocket", None) is None:
             return None
-        if getattr(request, "_dwebsocket_polling", None) is not None:
+        session = polling.session_of(request)
+        if session is not None:
             target = _polling_view(view_func)
             if isinstance(target, HttpResponseBase):
                 return target
-            return await polling.astart(target, request, view_args, view_kwargs)
+            return await polling.astart(session, target, request, view_args, view_kwargs)
         if getattr(view_func, "accept_websocket", False):
             return None  # a decorated view handles the handshake itself
         return await sync_to_async(type(self).process_view, thread_sensitive=True)(
@@ -132,11 +134,12 @@ class WebSocketMiddleware:
     ) -> HttpResponseBase | None:
         if getattr(request, "websocket", None) is None:
             return None
-        if getattr(request, "_dwebsocket_polling", None) is not None:
+        session = polling.session_of(request)
+        if session is not None:
             target = _polling_view(view_func)
             if isinstance(target, HttpResponseBase):
                 return target
-            return polling.start(target, request, view_args, view_kwargs)
+            return polling.start(session, target, request, view_args, view_kwargs)
         if iscoroutinefunction(view_func) and not self._async and gevent_patched():
             return HttpResponse(_ASYNC_UNDER_GEVENT, status=501, content_type="text/plain")
         if getattr(view_func, "accept_websocket", False):

@@ -39,12 +39,13 @@ from django.http.response import HttpResponseBase
 from django.test import Client, RequestFactory
 from django.test.client import ClientHandler
 
-from .connection import Connection, Message, check_close_code, check_message
+from .connection import Link
 from .handshake import Handshake
+from .messages import Frame, Message, check_close_code, check_message
+from .transports.opener import OPENER_KEY
+from .transports.policy import OVERFLOW_CLOSE, offer_verdict, too_big
 
 __all__ = ["ClientConnection", "HandshakeRefused", "WebSocketClient"]
-
-_OPENER_KEY = "dwebsocket.opener"  # the environ key that carries the in-memory opener
 
 
 class HandshakeRefused(Exception):
@@ -133,7 +134,7 @@ class WebSocketClient:
         if cookies:
             environ["HTTP_COOKIE"] = cookies
         connection = ClientConnection(self)
-        environ[_OPENER_KEY] = _InMemoryOpener(connection)
+        environ[OPENER_KEY] = _InMemoryOpener(connection)
         with self._handler_lock:
             if not self._handler_loaded:  # at the first connect, as django.test.Client does
                 self._handler.load_middleware()
@@ -157,13 +158,16 @@ class ClientConnection:
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         # Guarded by _lock: the view's connection, the close, and how the view ended.
         self._lock = threading.Lock()
-        self._server: Connection | None = None
+        self._server: Link | None = None
         self._close: tuple[int, str] | None = None
         self._opened = threading.Event()
         self._finished = threading.Event()
         self._response: HttpResponseBase | None = None
         self._exception: BaseException | None = None
         self._thread: threading.Thread | None = None
+        # When the test last received a message (or its inbox became non-empty), for
+        # the slow-client policy of broadcasts; guarded by _lock.
+        self._progress = time.monotonic()
         self.subprotocol: str | None = None
         """The subprotocol the view agreed to, or ``None``."""
 
@@ -174,15 +178,21 @@ class ClientConnection:
 
         Waits while the view's queue is full (``WEBSOCKET_MAX_QUEUE``), as a
         real client waits for the server to read; raises ``TimeoutError`` if
-        the view reads nothing for *timeout* seconds.
+        the view reads nothing for *timeout* seconds. A message over
+        ``WEBSOCKET_MAX_MESSAGE_SIZE`` closes the connection with 1009, as
+        a server does.
         """
         message = check_message(message)
         with self._lock:
             server = self._server if self._close is None else None
         if server is None:
             return False
+        if too_big(message, server.limits):
+            self._closed_by_view(1009, "message too big")
+            server.closed_with(1009, "message too big")
+            return True  # sent: the server's answer is the close
         deadline = time.monotonic() + timeout
-        while not server._deliver_nowait(message):
+        while not server.deliver_nowait(message):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the view read none of its queued messages for {timeout} s")
             time.sleep(0.005)
@@ -197,6 +207,8 @@ class ClientConnection:
         """
         try:
             kind, value = self._inbox.get(timeout=timeout)
+            with self._lock:
+                self._progress = time.monotonic()
         except queue.Empty:
             raise TimeoutError(f"the view sent nothing for {timeout} s") from None
         if kind == "close":
@@ -262,7 +274,7 @@ class ClientConnection:
         if first:
             self._inbox.put(("close", (code, reason)))
             if server is not None:
-                server._closed(code, reason)
+                server.closed_with(code, reason)
         self._join(timeout)
 
     # -- the view's side (through _InMemoryOpener and _InMemoryTransport) -------
@@ -274,7 +286,7 @@ class ClientConnection:
             db.inc_thread_sharing()
 
         def record(sender: Any, request: HttpRequest | None = None, **kwargs: Any) -> None:
-            if request is not None and request.META.get(_OPENER_KEY) is environ[_OPENER_KEY]:
+            if request is not None and request.META.get(OPENER_KEY) is environ[OPENER_KEY]:
                 with self._lock:
                     self._exception = sys.exc_info()[1]
 
@@ -326,7 +338,7 @@ class ClientConnection:
         if exception is not None and self._client.raise_view_exception:
             raise exception
 
-    def _accepted(self, server: Connection, subprotocol: str | None) -> None:
+    def _accepted(self, server: Link, subprotocol: str | None) -> None:
         with self._lock:
             self._server = server
             self.subprotocol = subprotocol
@@ -338,6 +350,23 @@ class ClientConnection:
                 return False
             self._inbox.put(("message", message))
             return True
+
+    def _offered(self, message: Message, link: Link) -> bool:
+        """A broadcast: taken unless the test fell WEBSOCKET_BROADCAST_QUEUE messages behind."""
+        with self._lock:
+            if self._close is not None:
+                return False
+            waiting = self._inbox.qsize()
+            if waiting == 0:
+                self._progress = time.monotonic()
+            verdict = offer_verdict(waiting, time.monotonic() - self._progress, link.limits)
+            if verdict == "queued":
+                self._inbox.put(("message", message))
+                return True
+        if verdict == "overflow":
+            self._closed_by_view(*OVERFLOW_CLOSE)
+            link.closed_with(*OVERFLOW_CLOSE)
+        return False
 
     def _closed_by_view(self, code: int, reason: str) -> None:
         with self._lock:
@@ -358,30 +387,30 @@ class _InMemoryOpener:
         # The same validation (and Origin check) as under a server.
         self.offered_subprotocols = Handshake(request).offered_subprotocols
 
-    def open(self, connection: Connection, subprotocol: str | None) -> _InMemoryTransport:
-        transport = _InMemoryTransport(self._client_side, connection)
-        connection._opened(transport)
-        self._client_side._accepted(connection, subprotocol)
+    def open(self, link: Link, subprotocol: str | None) -> _InMemoryTransport:
+        transport = _InMemoryTransport(self._client_side, link)
+        link.opened(transport)
+        self._client_side._accepted(link, subprotocol)
         return transport
 
-    async def aopen(self, connection: Connection, subprotocol: str | None) -> _InMemoryTransport:
-        return self.open(connection, subprotocol)
+    async def aopen(self, link: Link, subprotocol: str | None) -> _InMemoryTransport:
+        return self.open(link, subprotocol)
 
-    def finish(self, transport: _InMemoryTransport | None) -> HttpResponseBase:
-        if transport is not None:
+    def finish(self, transport: object) -> HttpResponseBase:
+        if isinstance(transport, _InMemoryTransport):
             transport.close(1000, "")
         return HttpResponse(status=101)
 
-    async def afinish(self, transport: _InMemoryTransport | None) -> HttpResponseBase:
+    async def afinish(self, transport: object) -> HttpResponseBase:
         return self.finish(transport)
 
 
 class _InMemoryTransport:
     """Carries one connection's messages from the view to the test."""
 
-    def __init__(self, client_side: ClientConnection, connection: Connection) -> None:
+    def __init__(self, client_side: ClientConnection, link: Link) -> None:
         self._client_side = client_side
-        self._connection = connection
+        self._link = link
 
     def send(self, message: Message) -> bool:
         return self._client_side._from_view(message)
@@ -391,10 +420,10 @@ class _InMemoryTransport:
 
     def close(self, code: int, reason: str) -> None:
         self._client_side._closed_by_view(code, reason)
-        self._connection._closed(code, reason)
+        self._link.closed_with(code, reason)
 
     async def aclose(self, code: int, reason: str) -> None:
         self.close(code, reason)
 
-    def offer(self, encoded: Any) -> bool:
-        return self.send(encoded.message)
+    def offer(self, frame: Frame) -> bool:
+        return self._client_side._offered(frame.message, self._link)

@@ -2,8 +2,8 @@
 
 :class:`WebSocket` serves sync views, :class:`AsyncWebSocket` async ones; both
 have the same members. Neither knows which server carries the connection: an
-*opener* from ``dwebsocket.servers`` answers the handshake and provides the
-transport.
+*opener* (``dwebsocket.transports.opener``) answers the handshake and provides
+the transport.
 """
 
 from __future__ import annotations
@@ -11,48 +11,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator, Iterable
-from typing import Protocol
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
 
+from django.core import signals
 from django.http import HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
 
-from .conf import Limits
-from .connection import (
-    CLOSED,
-    CONNECTING,
-    OPEN,
-    Connection,
-    Message,
-    Transport,
-    check_close_code,
-    check_message,
-    wake_future,
-)
-from .handshake import HandshakeError, is_websocket_request
+from . import groups
+from .connection import CLOSED, CONNECTING, OPEN, Connection, Transport, wake_future
+from .handshake import HandshakeError
+from .messages import Message, check_close_code, check_message
+from .transports.opener import Opener, opener_for
+from .transports.policy import Limits
+
+__all__ = ["AsyncWebSocket", "WebSocket", "arun_websocket_view", "attach", "run_websocket_view"]
 
 logger = logging.getLogger("dwebsocket")
-
-
-class Opener(Protocol):
-    """How one kind of server answers a handshake and carries a connection."""
-
-    offered_subprotocols: list[str]
-
-    def prepare(self, request: HttpRequest) -> None:
-        """Check the handshake before the view runs; raise HandshakeError to refuse it."""
-
-    def open(self, connection: Connection, subprotocol: str | None) -> Transport | None:
-        """Answer the handshake from a thread; the transport, or None if the client is gone."""
-
-    async def aopen(self, connection: Connection, subprotocol: str | None) -> Transport | None:
-        """Answer the handshake from a coroutine."""
-
-    def finish(self, transport: Transport | None) -> HttpResponseBase:
-        """Close after the view returned, from a thread; the response for the server."""
-
-    async def afinish(self, transport: Transport | None) -> HttpResponseBase:
-        """Close after the view returned, from a coroutine."""
 
 
 _UNKNOWN = object()
@@ -78,8 +53,7 @@ class WebSocket(Connection):
     """
 
     def __init__(self, request: HttpRequest, opener: Opener) -> None:
-        self._limits = Limits.from_settings()
-        super().__init__(max_queue=self._limits.max_queue)
+        super().__init__(Limits.from_settings())
         self._request = request
         self._opener = opener
         self._prepared = False
@@ -112,6 +86,18 @@ class WebSocket(Connection):
         if self._user_id is _UNKNOWN:
             self._user_id = _user_id(self._request)
         return self._user_id  # type: ignore[return-value]
+
+    def join(self, group: str) -> None:
+        """Add this connection to *group*; it leaves by itself when it closes.
+
+        Answers the handshake first, if the view has not used the connection yet.
+        """
+        self._start()
+        groups.wait_join(groups.join(self._link, group))
+
+    def leave(self, group: str) -> None:
+        """Remove this connection from *group*."""
+        groups.wait_join(groups.leave(self._link, group))
 
     # -- driven by the decorators and the middleware ----------------------------
 
@@ -150,8 +136,8 @@ class WebSocket(Connection):
         with self._accept_lock:
             if not self._claim():
                 return
-            if self._opener.open(self, self._subprotocol) is None:
-                self._closed(1006)
+            if self._opener.open(self._link, self._subprotocol) is None:
+                self._link.closed_with(1006)
 
     async def _astart(self) -> None:
         if self._state != CONNECTING:
@@ -163,8 +149,8 @@ class WebSocket(Connection):
         try:
             if not self._claim():
                 return
-            if await self._opener.aopen(self, self._subprotocol) is None:
-                self._closed(1006)
+            if await self._opener.aopen(self._link, self._subprotocol) is None:
+                self._link.closed_with(1006)
         finally:
             self._accept_lock.release()
 
@@ -172,7 +158,7 @@ class WebSocket(Connection):
         """The handshake is answered with plain HTTP: never accept it afterwards."""
         with self._accept_lock:
             self._accepted = True
-        self._closed(1006)
+        self._link.closed_with(1006)
 
     def _finish(self) -> HttpResponseBase:
         """End the connection after the view returned; the response for the server.
@@ -183,14 +169,14 @@ class WebSocket(Connection):
         if self._finished_response is None:
             self._start()
             self._finished_response = self._opener.finish(self._open_transport_any())
-            self._closed(1006)  # no-op unless the transport never reported the close
+            self._link.closed_with(1006)  # no-op unless the transport never reported the close
         return self._finished_response
 
     async def _afinish(self) -> HttpResponseBase:
         if self._finished_response is None:
             await self._astart()
             self._finished_response = await self._opener.afinish(self._open_transport_any())
-            self._closed(1006)
+            self._link.closed_with(1006)
         return self._finished_response
 
     def _open_transport_any(self) -> Transport | None:
@@ -228,7 +214,7 @@ class AsyncWebSocket:
         deadline = None if timeout is None else loop.time() + timeout
         while True:
             changed, listener = wake_future(loop)
-            remove = ws._listen(listener)
+            remove = ws._link.listen(listener)
             try:
                 with ws._cond:
                     message = ws._pop()
@@ -261,7 +247,7 @@ class AsyncWebSocket:
         """Start the closing handshake; idempotent."""
         check_close_code(code, reason)
         await self._ws._astart()
-        transport = self._ws._begin_close()
+        transport = self._ws._link.begin_close()
         if transport is not None:
             await transport.aclose(code, reason)
 
@@ -271,16 +257,12 @@ class AsyncWebSocket:
 
     async def join(self, group: str) -> None:
         """Add this connection to *group*; it leaves by itself when it closes."""
-        from . import groups
-
         await self._ws._astart()
-        await groups.await_for(groups.join(self._ws, group))
+        await groups.await_join(groups.join(self._ws._link, group))
 
     async def leave(self, group: str) -> None:
         """Remove this connection from *group*."""
-        from . import groups
-
-        await groups.await_for(groups.leave(self._ws, group))
+        await groups.await_join(groups.leave(self._ws._link, group))
 
     @property
     def id(self) -> str:
@@ -333,17 +315,95 @@ class AsyncWebSocket:
             yield message
 
 
+def _name(view: Callable[..., Any]) -> str:
+    return getattr(view, "__qualname__", None) or repr(view)
+
+
+def _view_failed(websocket: WebSocket, view: Callable[..., Any]) -> bool:
+    """After the view raised: True to re-raise (nothing sent yet), else log it."""
+    if websocket._state == CONNECTING:
+        websocket._refuse()
+        return True  # Django answers the handshake with its usual 500 page
+    logger.exception("dwebsocket: error in WebSocket view %s", _name(view))
+    # As Django does for any view's error (error reporters, the test client).
+    signals.got_request_exception.send(sender=None, request=websocket._request)
+    return False
+
+
+def _refusal(websocket: WebSocket, response: Any) -> HttpResponseBase | None:
+    """A response the view returned before touching the connection refuses the handshake."""
+    if isinstance(response, HttpResponseBase) and websocket._state == CONNECTING:
+        websocket._refuse()
+        return response
+    return None
+
+
+def run_websocket_view(
+    view: Callable[..., Any],
+    request: HttpRequest,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    subprotocols: Iterable[str] | None = None,
+) -> HttpResponseBase:
+    """Run a sync *view* for a WebSocket handshake; the response for the server.
+
+    The handshake is checked first (a bad one or a foreign origin is refused
+    before the view runs). If the view returns a response without having used
+    ``request.websocket``, that response refuses the handshake. Otherwise the
+    connection is closed when the view returns, with 1011 if it raised.
+    """
+    websocket = attach(request)
+    assert websocket is not None
+    refusal = websocket._prepare(subprotocols)
+    if refusal is not None:
+        return refusal
+    try:
+        response = view(request, *args, **kwargs)
+    except Exception:
+        if _view_failed(websocket, view):
+            raise
+        websocket.close(1011, "internal error")
+    else:
+        refused = _refusal(websocket, response)
+        if refused is not None:
+            return refused
+    return websocket._finish()
+
+
+async def arun_websocket_view(
+    view: Callable[..., Any],
+    request: HttpRequest,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    subprotocols: Iterable[str] | None = None,
+) -> HttpResponseBase:
+    """:func:`run_websocket_view` for an ``async def`` view."""
+    websocket = attach(request)
+    assert websocket is not None
+    refusal = websocket._prepare(subprotocols)
+    if refusal is not None:
+        return refusal
+    connection = AsyncWebSocket(websocket)
+    request.websocket = connection  # type: ignore[attr-defined]
+    try:
+        response = await view(request, *args, **kwargs)
+    except Exception:
+        if _view_failed(websocket, view):
+            raise
+        await connection.close(1011, "internal error")
+    else:
+        refused = _refusal(websocket, response)
+        if refused is not None:
+            return refused
+    return await websocket._afinish()
+
+
 def attach(request: HttpRequest) -> WebSocket | None:
     """Set ``request.websocket`` and ``request.is_websocket()``; idempotent."""
     if "websocket" in request.__dict__:
         current = request.websocket  # type: ignore[attr-defined]
         return current._ws if isinstance(current, AsyncWebSocket) else current
-    # A polling session's or dwebsocket.testing's opener, else the WSGI server's.
-    opener = getattr(request, "_dwebsocket_opener", None) or request.META.get("dwebsocket.opener")
-    if opener is None and is_websocket_request(request):
-        from .servers.wsgi import WsgiOpener
-
-        opener = WsgiOpener()
+    opener = opener_for(request)
     websocket = WebSocket(request, opener) if opener is not None else None
     request.websocket = websocket  # type: ignore[attr-defined]
     request.is_websocket = lambda: websocket is not None  # type: ignore[attr-defined]

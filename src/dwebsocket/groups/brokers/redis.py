@@ -22,19 +22,18 @@ import logging
 import random
 import threading
 import time
-from typing import TYPE_CHECKING
-
 import redis
 
-from ..groups import Member
+from ... import _redis
+from ...connection import Link
+from ...messages import Message
+from ..registry import Member, Registry
 
-if TYPE_CHECKING:
-    from ..connection import Connection, Message
-    from ..groups import _Registry
+__all__ = ["RedisBroker", "decode", "encode"]
 
 logger = logging.getLogger("dwebsocket")
 
-_PREFIX = "dwebsocket:"
+_PREFIX = _redis.PREFIX
 _TTL = 30.0  # seconds a member counts without a refresh
 _REFRESH = 10.0
 
@@ -64,15 +63,12 @@ def decode(data: bytes) -> tuple[Message, str | None]:
 class RedisBroker:
     """Broadcasts and presence shared by every process that uses the same Redis."""
 
-    def __init__(self, url: str, registry: _Registry) -> None:
+    def __init__(self, url: str, registry: Registry) -> None:
         self._url = url
         self._registry = registry
         # A blocking pool: a burst of broadcasts from many threads waits for a
         # connection rather than failing (redis-py's default pool raises at 100).
-        pool = redis.BlockingConnectionPool.from_url(
-            url, max_connections=1000, timeout=5, socket_connect_timeout=2, socket_timeout=5
-        )
-        self._redis = redis.Redis(connection_pool=pool)
+        self._redis = _redis.client(url)
         # Guarded by _lock: what the listener must do next, and local presence.
         self._lock = threading.Lock()
         self._wanted: set[str] = set()
@@ -128,17 +124,17 @@ class RedisBroker:
             self._requested += 1
         self._wake.set()
 
-    def add_member(self, group: str, connection: Connection) -> None:
-        entry = json.dumps({"id": connection.id, "user": connection.user_id}, separators=(",", ":"))
+    def add_member(self, group: str, link: Link) -> None:
+        entry = json.dumps({"id": link.id, "user": link.user_id}, separators=(",", ":"))
         with self._lock:
-            self._presence.setdefault(group, {})[connection.id] = entry
+            self._presence.setdefault(group, {})[link.id] = entry
             self._changes.append((True, group, entry))
             self._requested += 1
         self._wake.set()
 
-    def remove_member(self, group: str, connection: Connection) -> None:
+    def remove_member(self, group: str, link: Link) -> None:
         with self._lock:
-            entry = self._presence.get(group, {}).pop(connection.id, None)
+            entry = self._presence.get(group, {}).pop(link.id, None)
             if entry is not None:
                 self._changes.append((False, group, entry))
                 self._requested += 1
@@ -164,7 +160,7 @@ class RedisBroker:
             entries = self._redis.zrangebyscore(_presence_key(group), time.time(), "+inf")
         except redis.RedisError as exc:
             self._outage(exc)
-            return [Member(c.id, c.user_id) for c in self._registry.local(group)]
+            return self._registry.members(group)
         members = []
         for raw in entries:
             entry = json.loads(raw)  # type: ignore[arg-type]

@@ -7,11 +7,12 @@ stay alive: a message size limit, keepalive pings and a close timeout.
 
 Threads: one reader thread per connection receives, answers pings and closes
 *in the order frames arrive*; any thread may send. ``_lock`` guards the
-wsproto connection and every write to the socket, so frames never interleave.
-One timer thread per process (``_Timers``) sends every connection's keepalive
-pings and ends connections whose client stopped answering, so that a reader
-only ever blocks in ``recv()`` (one system call per read), and a connection
-whose view is stuck writing to a client that reads nothing is still ended.
+wsproto connection, every write to the socket and the head of the outbox, so
+frames never interleave. A view's ``send()`` writes and waits for the socket,
+as a blocking write does. A broadcast never waits: it is written straight to
+the socket when the socket takes it at once, and otherwise queued in the
+outbox, which the process's hub (``hub.py``) writes out as the socket becomes
+writable. The hub also keeps every connection's keepalive clock.
 The socket itself belongs to the server: this module shuts it down when the
 connection ends and never closes its file descriptor (the server does, once).
 """
@@ -19,20 +20,22 @@ connection ends and never closes its file descriptor (the server does, once).
 from __future__ import annotations
 
 import logging
-import select
+import os
 import socket
 import threading
 import time
-from collections import deque
 
 import wsproto
 from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping, Pong, TextMessage
 
-from ..conf import Limits
-from ..groups import Encoded
-from ..connection import Connection
-from ..connection import Message as MessageData
+from ...connection import Link
+from ...messages import Frame
+from ...messages import Message as MessageData
+from ..policy import OVERFLOW_CLOSE, Limits, Outbox
+from .hub import hub
+
+__all__ = ["SocketTransport"]
 
 logger = logging.getLogger("dwebsocket")
 
@@ -46,15 +49,19 @@ class SocketTransport:
         self,
         sock: socket.socket,
         protocol: wsproto.WSConnection,
-        connection: Connection,
-        limits: Limits,
+        link: Link,
         compressed: bool = False,
     ) -> None:
         self._sock = sock
+        self._fd = sock.fileno()
+        # Under gevent the descriptor is non-blocking and os.write() never waits;
+        # a blocking one is written without waiting with MSG_DONTWAIT.
+        self._fd_nonblocking = not os.get_blocking(self._fd)
         self._compressed = compressed  # frames are per-connection deflated: no shared frames
-        self._connection = connection
-        self._limits = limits
-        # Guarded by _lock: the wsproto state machine and writes to the socket.
+        self._link = link
+        self._limits = limits = link.limits
+        # Guarded by _lock: the wsproto state machine, writes to the socket, and
+        # the head of the outbox (a frame the socket took in part: its rest).
         self._lock = threading.Lock()
         self._protocol = protocol
         self._close_sent_at: float | None = None
@@ -62,12 +69,12 @@ class SocketTransport:
         self._parts: list[str] | list[bytes] = []
         self._size = 0
         self._discarding = False
-        # Written by the reader, read by the timer thread (plain floats and a
+        # Written by the reader, read by the hub (plain floats and a
         # flag: a stale read only delays a ping or an expiry by one tick).
         self._last_seen = time.monotonic()
         self._ping_sent_at: float | None = None
         self._delivering = False  # the reader waits for room in the view's queue
-        # Set once by the timer thread, before it shuts the socket down.
+        # Set once by the hub, before it shuts the socket down.
         self._expired: tuple[int, str] | None = None
         self.tick = _tick(limits)
         self._shutdown_lock = threading.Lock()
@@ -75,15 +82,14 @@ class SocketTransport:
         self._reader = threading.Thread(
             target=self._read_loop, name="dwebsocket-reader", daemon=True
         )
-        # Guarded by _outbox_cond: broadcasts waiting for the writer thread,
-        # which starts with the first broadcast (see dwebsocket.groups).
-        self._outbox_cond = threading.Condition()
-        self._outbox: deque[Encoded] = deque()
-        self._writer: threading.Thread | None = None
-        self._ending = False
+        # What the socket did not take at once: broadcasts (Frame) and the rest
+        # of a frame written in part (bytes, always first). The outbox has its
+        # own lock for the queue; taking from it happens under _lock.
+        self._outbox: Outbox[Frame | bytes] = Outbox(limits)
 
     def start(self) -> None:
-        """Start reading frames."""
+        """Start reading frames (and keeping time, and writing what waits)."""
+        hub.add(self)
         self._reader.start()
 
     # -- called from any thread ----------------------------------------------
@@ -92,59 +98,114 @@ class SocketTransport:
         with self._lock:
             if self._protocol.state is not ConnectionState.OPEN:
                 return False
-            data = self._protocol.send(Message(data=message))  # type: ignore[type-var]
-            if self._write(data):
+            if self._drain() and self._write(self._protocol.send(Message(data=message))):  # type: ignore[type-var]
                 return True
         # The client is gone: say so now (close_code), not when the reader notices.
-        self._connection._closed(*(self._expired or (1006, "")))
+        self._link.closed_with(*(self._expired or (1006, "")))
         return False
 
-    def offer(self, encoded: Encoded) -> bool:
-        with self._outbox_cond:
-            if self._ending:
-                return False
-            if len(self._outbox) >= self._limits.broadcast_queue:
-                overflow = True
-            else:
-                overflow = False
-                self._outbox.append(encoded)
-                self._outbox_cond.notify()
-                if self._writer is None:
-                    self._writer = threading.Thread(
-                        target=self._write_loop, name="dwebsocket-writer", daemon=True
-                    )
-                    self._writer.start()
-        if overflow:
-            return self._overflow()
-        return True
-
-    def _overflow(self) -> bool:
-        """The client fell WEBSOCKET_BROADCAST_QUEUE broadcasts behind."""
-        if self._limits.broadcast_overflow == "close":
-            # It is not reading, so no close frame could reach it either: drop
-            # the connection, and tell the view why.
-            self._connection._closed(1013, "too slow for the broadcasts")
-            self._shutdown()
-        return False
-
-    def _write_loop(self) -> None:
-        """Write queued broadcasts, in order; the only thread that waits on a slow client for them."""
-        while True:
-            with self._outbox_cond:
-                while not self._outbox and not self._ending:
-                    self._outbox_cond.wait()
-                if self._ending:
-                    return
-                encoded = self._outbox.popleft()
-            with self._lock:
+    def offer(self, frame: Frame) -> bool:
+        if self._lock.acquire(blocking=False):
+            try:
                 if self._protocol.state is not ConnectionState.OPEN:
-                    return
-                if self._compressed:
-                    data = self._protocol.send(Message(data=encoded.message))  # type: ignore[type-var]
-                else:
-                    data = encoded.frame  # built once for every member of the broadcast
-                if not self._write(data):
-                    return
+                    return False
+                if self._outbox.is_empty():  # nothing waits before it: straight to the socket
+                    data = self._frame(frame)
+                    sent = self._send_now(data)
+                    if sent < 0:
+                        self._shutdown()
+                        return False
+                    if sent < len(data):
+                        self._outbox.push_front(data[sent:])
+                        hub.want_write(self)
+                    return True
+            finally:
+                self._lock.release()
+        verdict = self._outbox.offer(frame)
+        if verdict == "queued":
+            hub.want_write(self)
+            return True
+        if verdict == "overflow":
+            self._cut()
+        return False
+
+    def flush(self) -> bool | None:
+        """From the hub: write what waits without waiting (see :class:`hub.HubClient`)."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            while True:
+                item = self._outbox.peek()
+                if item is None:
+                    return True
+                if isinstance(item, Frame) and self._protocol.state is not ConnectionState.OPEN:
+                    self._outbox.take_all()  # closing: nothing goes after the close frame
+                    return True
+                data = item if isinstance(item, bytes) else self._frame(item)
+                sent = self._send_now(data)
+                if sent < 0:
+                    self._outbox.take_all()
+                    self._shutdown()
+                    return True
+                if sent < len(data):
+                    self._outbox.replace_head(data[sent:])
+                    return False
+                self._outbox.take()
+        finally:
+            self._lock.release()
+
+    def fileno(self) -> int:
+        """The socket's descriptor, or -1 once the connection is shut down."""
+        return -1 if self._is_shut_down else self._fd
+
+    def _cut(self) -> None:
+        """The client is too slow for the broadcasts: close it with 1013 and let it go."""
+        self._link.closed_with(*OVERFLOW_CLOSE)
+        if self._lock.acquire(blocking=False):
+            try:
+                head = self._outbox.peek()
+                if self._protocol.state is ConnectionState.OPEN and not isinstance(head, bytes):
+                    # The close frame goes out if the socket takes it at once.
+                    code, reason = OVERFLOW_CLOSE
+                    self._send_now(self._protocol.send(CloseConnection(code=code, reason=reason)))
+            finally:
+                self._lock.release()
+        self._shutdown()
+
+    def _frame(self, frame: Frame) -> bytes:
+        """The bytes of a broadcast for this client; call with ``_lock`` held."""
+        if self._compressed:  # deflated with this connection's own context
+            return self._protocol.send(Message(data=frame.message))  # type: ignore[type-var]
+        return frame.data  # built once for every member of the broadcast
+
+    def _send_now(self, data: bytes) -> int:
+        """Write what the socket takes without waiting; -1 if the peer is gone. Hold ``_lock``."""
+        try:
+            if self._fd_nonblocking:
+                return os.write(self._fd, data)
+            return self._sock.send(data, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError:
+            return -1
+
+    def _drain(self) -> bool:
+        """Write everything that waits, in order, waiting for the socket; hold ``_lock``."""
+        while True:
+            item = self._outbox.take()
+            if item is None:
+                return True
+            data = item if isinstance(item, bytes) else self._frame(item)
+            if not self._write(data):
+                return False
+
+    def _finish_head(self) -> bool:
+        """Write the rest of a frame the socket took in part, so another may follow; hold ``_lock``."""
+        head = self._outbox.peek()
+        if isinstance(head, bytes):
+            self._outbox.take()
+            return self._write(head)
+        return True
 
     async def asend(self, message: MessageData) -> bool:
         return self.send(message)  # a WSGI server's async view has an event loop of its own
@@ -156,7 +217,8 @@ class SocketTransport:
         with self._lock:
             if self._protocol.state is ConnectionState.OPEN:
                 self._close_sent_at = time.monotonic()
-                self._write(self._protocol.send(CloseConnection(code=code, reason=reason)))
+                if self._drain():  # what was sent before the close arrives before it
+                    self._write(self._protocol.send(CloseConnection(code=code, reason=reason)))
 
     def finish(self) -> None:
         """End the connection after the view returned: close, wait, shut down."""
@@ -178,9 +240,7 @@ class SocketTransport:
 
     def _shutdown(self) -> None:
         """Shut the socket down once; its file descriptor stays the server's to close."""
-        with self._outbox_cond:
-            self._ending = True
-            self._outbox_cond.notify()
+        self._outbox.close()
         with self._shutdown_lock:
             if self._is_shut_down:
                 return
@@ -190,9 +250,12 @@ class SocketTransport:
         except OSError:
             pass
 
-    def _check_clock(self, now: float) -> None:
-        """From the timer thread: ping a quiet client; end the connection once it is gone."""
+    def check_clock(self, now: float) -> None:
+        """From the hub: ping a quiet client; end the connection once it is gone."""
         limits = self._limits
+        if self._outbox.overflowed():
+            self._cut()
+            return
         if self._close_sent_at is not None and now - self._close_sent_at >= limits.close_timeout:
             self._expire(1006, "no answer to the close frame")
             return
@@ -210,8 +273,13 @@ class SocketTransport:
             self._ping_sent_at = now
             if self._lock.acquire(blocking=False):
                 try:
-                    if self._protocol.state is ConnectionState.OPEN and _writable(self._sock):
-                        self._write(self._protocol.send(Ping(payload=b"dwebsocket")))
+                    head = self._outbox.peek()
+                    if self._protocol.state is ConnectionState.OPEN and not isinstance(head, bytes):
+                        ping = self._protocol.send(Ping(payload=b"dwebsocket"))
+                        sent = self._send_now(ping)
+                        if 0 <= sent < len(ping):
+                            self._outbox.push_front(ping[sent:])
+                            hub.want_write(self)
                 finally:
                     self._lock.release()
 
@@ -220,11 +288,10 @@ class SocketTransport:
         if self._expired is None:
             self._expired = (code, reason)
         self._shutdown()
-        self._connection._closed(*self._expired)
+        self._link.closed_with(*self._expired)
 
     def _read_loop(self) -> None:
         code, reason = 1006, ""
-        _timers.add(self)
         try:
             while True:
                 data = self._sock.recv(_RECV_SIZE)
@@ -234,7 +301,7 @@ class SocketTransport:
                 if messages:
                     self._delivering = True
                     for message in messages:
-                        self._connection._deliver(message)
+                        self._link.deliver(message)
                     self._delivering = False
                     self._last_seen = time.monotonic()
                 if ended is not None:
@@ -246,11 +313,11 @@ class SocketTransport:
             logger.exception("dwebsocket: the WebSocket reader failed")
             code, reason = 1011, ""
         finally:
-            _timers.remove(self)
+            hub.remove(self)
             self._shutdown()
             if self._expired is not None:
                 code, reason = self._expired
-            self._connection._closed(code, reason)
+            self._link.closed_with(code, reason)
 
     def _receive(self, data: bytes | None) -> tuple[list[MessageData], tuple[int, str] | None]:
         """Feed *data* to wsproto and act on what it parsed, in order."""
@@ -284,7 +351,7 @@ class SocketTransport:
                         break
                     ended = event.code, event.reason or ""
                     break
-            if out:
+            if out and self._finish_head():
                 self._write(bytes(out))
         return messages, ended
 
@@ -313,58 +380,6 @@ class SocketTransport:
 
 
 def _tick(limits: Limits) -> float:
-    """How often the timer thread must look at a connection with these *limits*."""
+    """How often the hub must look at a connection with these *limits*."""
     spans = [t for t in (limits.ping_interval, limits.ping_timeout, limits.close_timeout) if t]
     return max(0.02, min(1.0, min(spans) / 4)) if spans else 1.0
-
-
-def _writable(sock: socket.socket) -> bool:
-    """Whether a small frame can be written without waiting."""
-    poller = select.poll()
-    poller.register(sock, select.POLLOUT)
-    return bool(poller.poll(0))
-
-
-class _Timers:
-    """The one thread that keeps time for every connection of the process.
-
-    It runs while there are connections, waking every ``tick`` (a quarter of
-    the shortest ping interval, ping timeout or close timeout, at most 1 s).
-    ``_lock`` guards ``_transports`` and ``_thread``.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._transports: set[SocketTransport] = set()
-        self._thread: threading.Thread | None = None
-
-    def add(self, transport: SocketTransport) -> None:
-        with self._lock:
-            self._transports.add(transport)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="dwebsocket-timers", daemon=True)
-                self._thread.start()
-
-    def remove(self, transport: SocketTransport) -> None:
-        with self._lock:
-            self._transports.discard(transport)
-
-    def _run(self) -> None:
-        while True:
-            with self._lock:
-                if not self._transports:
-                    self._thread = None
-                    return
-                transports = list(self._transports)
-            now = time.monotonic()
-            tick = 1.0
-            for transport in transports:
-                tick = min(tick, transport.tick)
-                try:
-                    transport._check_clock(now)
-                except Exception:  # pragma: no cover - a bug in dwebsocket
-                    logger.exception("dwebsocket: the keepalive timer failed")
-            time.sleep(tick)
-
-
-_timers = _Timers()

@@ -1,45 +1,27 @@
-"""Serve ``websocket`` scopes of an ASGI server with the project's own views.
+"""Carry one connection over an ASGI server's ``send``/``receive`` channels.
 
 The ASGI server (uvicorn, daphne, hypercorn) does the framing; this module
-turns a ``websocket`` scope into a Django request, runs it through the
-project's middleware and URL resolver, and carries ``request.websocket``
-over the ASGI ``send``/``receive`` channels.
-
-Where views run:
-
-* a sync view runs, with the whole (sync) middleware stack, in a thread of
-  its own for the life of the connection -- never in Django's single
-  ``thread_sensitive`` executor, where one blocking ``wait()`` would stall
-  every other sync view;
-* an ``async def`` view runs on the server's event loop through the async
-  middleware stack, with no thread per connection.
+accepts the handshake with ``websocket.accept``, feeds ``websocket.receive``
+events into the connection, and sends the view's messages and close.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import io
-import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from asgiref.sync import ThreadSensitiveContext, iscoroutinefunction, sync_to_async
-from django.conf import settings
-from django.core import signals
-from django.core.handlers.asgi import ASGIRequest
-from django.core.handlers.base import BaseHandler
-from django.http import HttpResponse
+from django.http import HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
-from django.urls import Resolver404, get_resolver, set_script_prefix
-from django.utils.module_loading import import_string
 
-from ..conf import Limits
-from ..connection import Connection, Message, wake_future
-from ..handshake import check_origin
+from ...connection import Link, wake_future
+from ...handshake import check_origin
+from ...messages import Frame, Message
+from ..policy import OVERFLOW_CLOSE, offer_verdict, too_big
 
-logger = logging.getLogger("dwebsocket")
+__all__ = ["AsgiOpener", "AsgiTransport", "Receive", "Scope", "Send"]
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -69,13 +51,13 @@ class AsgiTransport:
 
     def __init__(
         self, receive: Receive, send: Send, loop: asyncio.AbstractEventLoop,
-        connection: Connection, limits: Limits,
+        link: Link,
     ) -> None:
         self._receive = receive
         self._send = send
         self._loop = loop
-        self._connection = connection
-        self._limits = limits
+        self._link = link
+        self._limits = link.limits
         self._send_lock = asyncio.Lock()
         self._handed_over = threading.BoundedSemaphore(_HANDED_OVER)
         self._close_sent = False  # owned by the loop
@@ -83,9 +65,11 @@ class AsgiTransport:
         self._disconnected = False
         self._gone: asyncio.Future[None] | None = None
         self._receiver: asyncio.Task[None] | None = None
-        # Guarded by _offered_lock: broadcasts handed to the loop, not yet sent.
+        # Guarded by _offered_lock: broadcasts handed to the loop and not yet
+        # sent, and when one was last sent (or the first of them handed over).
         self._offered_lock = threading.Lock()
         self._offered = 0
+        self._progress = 0.0
 
     def start(self) -> None:
         self._receiver = self._loop.create_task(self._receive_loop())
@@ -137,18 +121,19 @@ class AsgiTransport:
         finally:
             self._handed_over.release()
 
-    def offer(self, encoded: Any) -> bool:
+    def offer(self, frame: Frame) -> bool:
         with self._offered_lock:
-            if self._offered >= self._limits.broadcast_queue:
-                overflow = True
-            else:
-                overflow = False
+            now = time.monotonic()
+            if not self._offered:
+                self._progress = now
+            verdict = offer_verdict(self._offered, now - self._progress, self._limits)
+            if verdict == "queued":
                 self._offered += 1
-        if overflow:
-            if self._limits.broadcast_overflow == "close" and self._connection._begin_close() is not None:
-                self._loop.call_soon_threadsafe(self._spawn, self.aclose(1013, "too slow for the broadcasts"))
+        if verdict != "queued":
+            if verdict == "overflow" and self._link.begin_close() is not None:
+                self._loop.call_soon_threadsafe(self._spawn, self.aclose(*OVERFLOW_CLOSE))
             return False
-        self._loop.call_soon_threadsafe(self._spawn, self._send_offered(encoded.message))
+        self._loop.call_soon_threadsafe(self._spawn, self._send_offered(frame.message))
         return True
 
     def _spawn(self, coroutine: Any) -> None:
@@ -160,6 +145,7 @@ class AsgiTransport:
         finally:
             with self._offered_lock:
                 self._offered -= 1
+                self._progress = time.monotonic()
 
     async def aclose(self, code: int, reason: str) -> None:
         if self._close_sent or self._disconnected:
@@ -202,11 +188,10 @@ class AsgiTransport:
                 message: Message | None = event.get("text")
                 if message is None:
                     message = event.get("bytes") or b""
-                limit = self._limits.max_message_size
-                if limit is not None and _size(message) > limit:
+                if too_big(message, self._limits):
                     await self.aclose(1009, "message too big")
                     continue
-                if not self._connection._deliver_nowait(message):
+                if not self._link.deliver_nowait(message):
                     await self._wait_for_room(message)
         except asyncio.CancelledError:
             pass
@@ -216,15 +201,15 @@ class AsgiTransport:
             self._disconnected = True
             if self._gone is not None and not self._gone.done():
                 self._gone.set_result(None)
-            self._connection._closed(code, reason)
+            self._link.closed_with(code, reason)
 
     async def _wait_for_room(self, message: Message) -> None:
         """Backpressure: wait until the view has read enough to queue *message*."""
         while True:
             room, listener = wake_future(self._loop)
-            remove = self._connection._listen(listener)
+            remove = self._link.listen(listener)
             try:
-                if self._connection._deliver_nowait(message):
+                if self._link.deliver_nowait(message):
                     return
                 await room
             finally:
@@ -243,12 +228,6 @@ class AsgiTransport:
                 self._receiver.cancel()
 
 
-def _size(message: Message) -> int:
-    if isinstance(message, bytes):
-        return len(message)
-    return len(message) if message.isascii() else len(message.encode("utf-8"))
-
-
 class AsgiOpener:
     """Answers a handshake through ASGI's ``websocket.accept``."""
 
@@ -260,31 +239,30 @@ class AsgiOpener:
         self.offered_subprotocols: list[str] = list(scope.get("subprotocols") or [])
         self.accepted = False  # set on the loop, read after the view returned
 
-    def prepare(self, request: Any) -> None:
+    def prepare(self, request: HttpRequest) -> None:
         check_origin(request)  # the server validated the rest of the handshake
 
-    async def aopen(self, connection: Connection, subprotocol: str | None) -> AsgiTransport | None:
+    async def aopen(self, link: Link, subprotocol: str | None) -> AsgiTransport | None:
         try:
             await self._send({"type": "websocket.accept", "subprotocol": subprotocol, "headers": []})
         except Exception:
             return None
         self.accepted = True
-        limits: Limits = connection._limits  # type: ignore[attr-defined]
-        transport = AsgiTransport(self._receive, self._send, self._loop, connection, limits)
-        connection._opened(transport)
+        transport = AsgiTransport(self._receive, self._send, self._loop, link)
+        link.opened(transport)
         transport.start()
         return transport
 
-    def open(self, connection: Connection, subprotocol: str | None) -> AsgiTransport | None:
-        future = asyncio.run_coroutine_threadsafe(self.aopen(connection, subprotocol), self._loop)
+    def open(self, link: Link, subprotocol: str | None) -> AsgiTransport | None:
+        future = asyncio.run_coroutine_threadsafe(self.aopen(link, subprotocol), self._loop)
         return future.result()
 
-    async def afinish(self, transport: Any) -> HttpResponseBase:
-        if transport is not None:
+    async def afinish(self, transport: object) -> HttpResponseBase:
+        if isinstance(transport, AsgiTransport):
             await transport.afinish()
         return _Finished()
 
-    def finish(self, transport: Any) -> HttpResponseBase:
+    def finish(self, transport: object) -> HttpResponseBase:
         return asyncio.run_coroutine_threadsafe(self.afinish(transport), self._loop).result()
 
     async def deny(self, response: HttpResponseBase) -> None:
@@ -302,104 +280,3 @@ class AsgiOpener:
             await self._send({"type": "websocket.close", "code": 1008})
 
 
-def get_script_prefix(scope: Scope) -> str:
-    """The script prefix, from FORCE_SCRIPT_NAME or the scope (as Django's ASGIHandler does)."""
-    if settings.FORCE_SCRIPT_NAME:
-        return str(settings.FORCE_SCRIPT_NAME)
-    return str(scope.get("root_path", "") or "")
-
-
-def _http_scope(scope: Scope) -> Scope:
-    """The websocket scope, as the HTTP GET it started as, for ASGIRequest."""
-    scheme = {"ws": "http", "wss": "https"}.get(scope.get("scheme", "ws"), "http")
-    return {**scope, "type": "http", "method": "GET", "scheme": scheme}
-
-
-class WebSocketHandler(BaseHandler):
-    """Runs ``websocket`` scopes through the project's middleware, URLconf and views."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.load_middleware(is_async=False)
-        self._async_handler = BaseHandler()
-        self._async_handler.load_middleware(is_async=True)
-        # A sync-only middleware in an async stack runs in asgiref's
-        # thread-sensitive executor and holds it for the whole life of an async
-        # connection. Then each async connection gets an executor of its own.
-        self._sync_only_middleware = [
-            path for path in settings.MIDDLEWARE
-            if not getattr(import_string(path), "async_capable", False)
-        ]
-        if self._sync_only_middleware:
-            logger.warning(
-                "dwebsocket: %s cannot run asynchronously, so each connection to an "
-                "async WebSocket view holds a thread for it. Make it async-capable "
-                "(django.utils.deprecation.MiddlewareMixin does) to serve async views "
-                "without a thread per connection.",
-                ", ".join(self._sync_only_middleware),
-            )
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        event = await receive()
-        if event["type"] != "websocket.connect":
-            return
-        loop = asyncio.get_running_loop()
-        request = ASGIRequest(_http_scope(scope), io.BytesIO())
-        opener = AsgiOpener(scope, receive, send, loop)
-        request._dwebsocket_opener = opener  # type: ignore[attr-defined]  # read by attach()
-        if _view_is_async(request):
-            response = await self._run_async(scope, request)
-        else:
-            response = await _in_own_thread(loop, self._run_sync, scope, request)
-        if not opener.accepted:
-            await opener.deny(response)
-
-    def _run_sync(self, scope: Scope, request: ASGIRequest) -> HttpResponseBase:
-        set_script_prefix(get_script_prefix(scope))
-        signals.request_started.send(sender=self.__class__, scope=scope)
-        try:
-            return self.get_response(request)
-        finally:
-            signals.request_finished.send(sender=self.__class__)
-
-    async def _run_async(self, scope: Scope, request: ASGIRequest) -> HttpResponseBase:
-        set_script_prefix(get_script_prefix(scope))
-        context = ThreadSensitiveContext() if self._sync_only_middleware else contextlib.nullcontext()
-        async with context:  # type: ignore[attr-defined]
-            await sync_to_async(signals.request_started.send, thread_sensitive=True)(
-                sender=self.__class__, scope=scope
-            )
-            try:
-                return await self._async_handler.get_response_async(request)
-            finally:
-                await sync_to_async(signals.request_finished.send, thread_sensitive=True)(
-                    sender=self.__class__
-                )
-
-
-def _view_is_async(request: ASGIRequest) -> bool:
-    try:
-        match = get_resolver().resolve(request.path_info)
-    except Resolver404:
-        return False
-    return iscoroutinefunction(match.func)
-
-
-async def _in_own_thread(loop: asyncio.AbstractEventLoop, function: Callable[..., Any], *args: Any) -> Any:
-    """Run *function* in a new thread and await its result without blocking the loop."""
-    future: asyncio.Future[Any] = loop.create_future()
-
-    def settle(setter: Callable[[Any], None], value: Any) -> None:
-        if not future.done():
-            setter(value)
-
-    def run() -> None:
-        try:
-            result = function(*args)
-        except BaseException as exc:  # handed to the awaiting coroutine
-            loop.call_soon_threadsafe(settle, future.set_exception, exc)
-        else:
-            loop.call_soon_threadsafe(settle, future.set_result, result)
-
-    threading.Thread(target=run, name="dwebsocket-view", daemon=True).start()
-    return await future

@@ -6,13 +6,17 @@ process; ``"redis://host:port/db"`` shares it through Redis pub/sub.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from django.core.exceptions import ImproperlyConfigured
 
-if TYPE_CHECKING:
-    from ..connection import Connection, Message
-    from ..groups import Member, _Registry
+from ...conf import is_redis_url
+from ...connection import Link
+from ...messages import Message
+from ..registry import Member, Registry
+from .memory import MemoryBroker
+
+__all__ = ["Broker", "MemoryBroker", "make_broker"]
 
 
 class Broker(Protocol):
@@ -33,9 +37,9 @@ class Broker(Protocol):
     def unsubscribe(self, group: str) -> None:
         """This process has no members in *group* any more."""
 
-    def add_member(self, group: str, connection: Connection) -> None: ...
+    def add_member(self, group: str, link: Link) -> None: ...
 
-    def remove_member(self, group: str, connection: Connection) -> None: ...
+    def remove_member(self, group: str, link: Link) -> None: ...
 
     def size(self, group: str) -> int: ...
 
@@ -45,13 +49,12 @@ class Broker(Protocol):
         """Release connections and threads (when the setting changes)."""
 
 
-def make_broker(url: str, registry: _Registry) -> Broker:
+def make_broker(url: str, registry: Registry) -> Broker:
     """The broker that *url* (the WEBSOCKET_BROKER setting) names."""
     if url == "memory":
-        from .memory import MemoryBroker
-
         return MemoryBroker(registry)
-    if isinstance(url, str) and url.startswith(("redis://", "rediss://", "unix://")):
+    if is_redis_url(url):
+        # Imported here because redis-py is an optional dependency (dwebsocket[redis]).
         from .redis import RedisBroker
 
         return RedisBroker(url, registry)

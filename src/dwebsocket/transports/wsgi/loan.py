@@ -21,12 +21,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from django.http import HttpResponse
+from django.http import HttpRequest, HttpResponse
 
-from ..conf import Limits
-from ..connection import Connection
-from ..handshake import Handshake, HandshakeError
-from .socket import SocketTransport
+from ...connection import Link
+from ...handshake import Handshake, HandshakeError
+from .transport import SocketTransport
+
+__all__ = ["SUPPORTED", "ReleasedResponse", "SocketLoan", "WsgiOpener", "borrow_socket", "gevent_patched"]
 
 SUPPORTED = (
     "manage.py runserver, gunicorn with -k gthread or -k gevent, "
@@ -118,14 +119,14 @@ class WsgiOpener:
         self._loan: SocketLoan | None = None
         self.offered_subprotocols: list[str] = []
 
-    def prepare(self, request: Any) -> None:
+    def prepare(self, request: HttpRequest) -> None:
         self._handshake = Handshake(request)
         self._loan = borrow_socket(request.META)
         self.offered_subprotocols = self._handshake.offered_subprotocols
 
-    def open(self, connection: Connection, subprotocol: str | None) -> SocketTransport | None:
+    def open(self, link: Link, subprotocol: str | None) -> SocketTransport | None:
         assert self._handshake is not None and self._loan is not None
-        limits: Limits = connection._limits  # type: ignore[attr-defined]
+        limits = link.limits
         sock = self._loan.sock
         answer = self._handshake.accept(
             subprotocol, compression=limits.compression, max_message_size=limits.max_message_size
@@ -136,21 +137,21 @@ class WsgiOpener:
         except OSError:
             return None
         compressed = b"permessage-deflate" in answer.lower()
-        transport = SocketTransport(sock, self._handshake.connection, connection, limits, compressed)
-        connection._opened(transport)
+        transport = SocketTransport(sock, self._handshake.connection, link, compressed)
+        link.opened(transport)
         transport.start()
         return transport
 
-    async def aopen(self, connection: Connection, subprotocol: str | None) -> SocketTransport | None:
+    async def aopen(self, link: Link, subprotocol: str | None) -> SocketTransport | None:
         # Under WSGI an async view runs on an event loop of its own: blocking it
         # for the few bytes of the handshake delays no other connection.
-        return self.open(connection, subprotocol)
+        return self.open(link, subprotocol)
 
-    def finish(self, transport: Any) -> HttpResponse:
-        if transport is not None:
+    def finish(self, transport: object) -> HttpResponse:
+        if isinstance(transport, SocketTransport):
             transport.finish()
         release = self._loan.release if self._loan is not None else (lambda: None)
         return ReleasedResponse(release)
 
-    async def afinish(self, transport: Any) -> HttpResponse:
+    async def afinish(self, transport: object) -> HttpResponse:
         return self.finish(transport)

@@ -14,6 +14,8 @@ from typing import Any
 
 from django.core.servers import basehttp
 
+__all__ = ["WebSocketRequestHandler", "install"]
+
 
 class WebSocketRequestHandler(basehttp.WSGIRequestHandler):
     """Django's request handler, plus the client socket in ``environ``."""

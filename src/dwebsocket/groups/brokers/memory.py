@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from ...connection import Link
+from ...messages import Message
+from ..registry import Member, Registry
 
-from ..groups import Member
-
-if TYPE_CHECKING:
-    from ..connection import Connection, Message
-    from ..groups import _Registry
+__all__ = ["MemoryBroker"]
 
 
 class MemoryBroker:
     """Broadcasts and presence within this process."""
 
-    def __init__(self, registry: _Registry) -> None:
+    def __init__(self, registry: Registry) -> None:
         self._registry = registry
 
     synchronous = True
@@ -31,17 +29,17 @@ class MemoryBroker:
     def unsubscribe(self, group: str) -> None:
         pass
 
-    def add_member(self, group: str, connection: Connection) -> None:
+    def add_member(self, group: str, link: Link) -> None:
         pass
 
-    def remove_member(self, group: str, connection: Connection) -> None:
+    def remove_member(self, group: str, link: Link) -> None:
         pass
 
     def size(self, group: str) -> int:
         return len(self._registry.local(group))
 
     def members(self, group: str) -> list[Member]:
-        return [Member(c.id, c.user_id) for c in self._registry.local(group)]
+        return self._registry.members(group)
 
     def stop(self) -> None:
         pass

@@ -1,0 +1,161 @@
+"""Groups: named sets of connections that a message can be broadcast to.
+
+``ws.join("lobby")`` adds a connection to a group; ``broadcast("lobby", msg)``
+sends to every member, from any code in any process: a view, the shell, a
+management command, a task-queue worker. The broker (``WEBSOCKET_BROKER``)
+carries broadcasts between processes: ``"memory"`` (the default) within one
+process, ``"redis://..."`` across every process and host that share a Redis.
+
+A broadcast is framed once and offered to each member's transport, which
+never makes the broadcaster wait; see ``WEBSOCKET_BROADCAST_QUEUE``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from .. import conf
+from ..connection import Link
+from ..messages import Message, check_message
+from .brokers import Broker, make_broker
+from .registry import Member, Registry
+
+__all__ = [
+    "Member",
+    "await_join",
+    "broadcast",
+    "get_broker",
+    "group_members",
+    "group_size",
+    "join",
+    "leave",
+    "registry",
+    "wait_join",
+]
+
+#: This process's members of every group.
+registry = Registry()
+
+# Guarded by _broker_lock: the process's broker, made on first use.
+_broker: Broker | None = None
+_broker_url: str | None = None
+_broker_lock = threading.Lock()
+
+
+def get_broker() -> Broker:
+    """This process's broker, as ``WEBSOCKET_BROKER`` configures it."""
+    global _broker, _broker_url
+    url = conf.get("WEBSOCKET_BROKER")
+    with _broker_lock:
+        if _broker is None or url != _broker_url:
+            if _broker is not None:
+                _broker.stop()
+            _broker, _broker_url = make_broker(url, registry), url
+            for group in registry.groups():
+                _broker.subscribe(group)
+        return _broker
+
+
+def _exclude_id(exclude: object) -> str | None:
+    if exclude is None:
+        return None
+    if isinstance(exclude, str):
+        return exclude
+    connection_id = getattr(exclude, "id", None)
+    if not isinstance(connection_id, str):
+        raise TypeError(
+            f"exclude= takes a connection (request.websocket) or its id, not {type(exclude).__name__}."
+        )
+    return connection_id
+
+
+def broadcast(group: str, message: Message, exclude: object = None) -> None:
+    """Send *message* to every connection in *group*, in every process.
+
+    *exclude* is a connection (or its ``id``) that should not get it, usually
+    the sender. Callable from anywhere, sync or async code alike: it never
+    waits for the members.
+    """
+    get_broker().publish(group, check_message(message), _exclude_id(exclude))
+
+
+def group_size(group: str) -> int:
+    """How many connections are in *group*, across the whole deployment."""
+    return get_broker().size(group)
+
+
+def group_members(group: str) -> list[Member]:
+    """The connections in *group* across the deployment, with their users."""
+    return get_broker().members(group)
+
+
+_JOIN_TIMEOUT = 2.0  # seconds a join waits for the broker (Redis) to take it
+
+
+def join(link: Link, group: str) -> Broker | None:
+    """Add the connection of *link* to *group*; the broker to flush, if the join is not complete yet.
+
+    A closed connection joins nothing: it has left its groups for good.
+    """
+    _check_group(group)
+    broker = get_broker()
+    with registry.lock:
+        # Registered under the registry's lock: the close's leave-all (which
+        # takes it too) runs after this join, or the join sees the close.
+        if not link.on_close(_leave_all):
+            return None
+        added, first = registry.add(group, link)
+        if not added:
+            return None
+        if first:
+            broker.subscribe(group)
+        broker.add_member(group, link)
+    return None if broker.synchronous else broker
+
+
+def leave(link: Link, group: str) -> Broker | None:
+    """Remove the connection of *link* from *group*; the broker to flush, if that is not complete yet."""
+    broker = get_broker()
+    with registry.lock:
+        if not _remove(link, group, broker):
+            return None
+    return None if broker.synchronous else broker
+
+
+def wait_join(broker: Broker | None) -> None:
+    """Block until *broker* took the join or leave that returned it (bounded)."""
+    if broker is not None:
+        broker.flush(_JOIN_TIMEOUT)
+
+
+async def await_join(broker: Broker | None) -> None:
+    """:func:`wait_join` without blocking the event loop."""
+    if broker is not None:
+        await asyncio.get_running_loop().run_in_executor(None, broker.flush, _JOIN_TIMEOUT)
+
+
+def _leave_all(link: Link) -> None:
+    """The close hook: remove the connection from every group it is in."""
+    with registry.lock:
+        groups = registry.groups_of(link)
+        if groups:
+            broker = get_broker()
+            for group in groups:
+                _remove(link, group, broker)
+        registry.forget(link)
+
+
+def _remove(link: Link, group: str, broker: Broker) -> bool:
+    """Take *link* out of *group*; call with the registry's lock held."""
+    removed, last = registry.remove(group, link)
+    if removed:
+        if last:
+            broker.unsubscribe(group)
+        broker.remove_member(group, link)
+    return removed
+
+
+def _check_group(group: str) -> None:
+    if not isinstance(group, str) or not group or len(group) > 200:
+        raise ValueError(f"A group name is a non-empty string of at most 200 characters, not {group!r}.")

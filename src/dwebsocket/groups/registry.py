@@ -1,0 +1,109 @@
+"""This process's group members: who is in which group, and the presence record.
+
+A leaf of the groups layer: it knows connections only through their
+:class:`~dwebsocket.connection.Link`, and nothing of brokers.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from ..connection import Link
+from ..messages import Frame, Message
+
+__all__ = ["Member", "Registry"]
+
+
+@dataclass(frozen=True)
+class Member:
+    """One connection in a group, as presence reports it."""
+
+    id: str
+    user: str | None  # the user's primary key, for an authenticated request
+
+
+class Registry:
+    """The groups of this process's connections.
+
+    ``_lock`` guards ``_members`` (group -> connection id -> link) and
+    ``_joined`` (connection id -> its groups). Broker calls made while a join
+    or leave holds it only queue work (lock order: the registry's lock, then
+    the broker's, never the reverse).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._members: dict[str, dict[str, Link]] = {}
+        self._joined: dict[str, set[str]] = {}
+
+    def add(self, group: str, link: Link) -> tuple[bool, bool]:
+        """Add; (added, first): whether it joined now, and whether it is the group's first here.
+
+        A closed connection joins nothing: its close has left every group for good.
+        Call with :attr:`lock` held.
+        """
+        groups = self._joined.get(link.id)
+        if groups is not None and group in groups:
+            return False, False
+        if groups is None:
+            if link.closed:
+                return False, False
+            groups = self._joined[link.id] = set()
+        groups.add(group)
+        members = self._members.setdefault(group, {})
+        first = not members
+        members[link.id] = link
+        return True, first
+
+    def remove(self, group: str, link: Link) -> tuple[bool, bool]:
+        """Remove; (removed, last): whether it was in the group, and whether it was the last here.
+
+        Call with :attr:`lock` held.
+        """
+        groups = self._joined.get(link.id)
+        if groups is None or group not in groups:
+            return False, False
+        groups.discard(group)
+        members = self._members.get(group, {})
+        members.pop(link.id, None)
+        last = not members
+        if last:
+            self._members.pop(group, None)
+        return True, last
+
+    def groups_of(self, link: Link) -> list[str]:
+        """The groups *link* is in; call with :attr:`lock` held."""
+        return list(self._joined.get(link.id, ()))
+
+    def forget(self, link: Link) -> None:
+        """Drop the record of *link* once it left every group; call with :attr:`lock` held."""
+        self._joined.pop(link.id, None)
+
+    @property
+    def lock(self) -> threading.Lock:
+        """The lock that makes a join, a leave and the leave-all at close exclusive."""
+        return self._lock
+
+    def local(self, group: str) -> list[Link]:
+        """The members of *group* in this process."""
+        with self._lock:
+            return list(self._members.get(group, {}).values())
+
+    def groups(self) -> list[str]:
+        """The groups with members in this process."""
+        with self._lock:
+            return list(self._members)
+
+    def deliver(self, group: str, message: Message, exclude: str | None) -> int:
+        """Offer *message* to this process's members of *group*; returns how many took it."""
+        frame = Frame(message)
+        count = 0
+        for member in self.local(group):
+            if member.id != exclude and member.offer(frame):
+                count += 1
+        return count
+
+    def members(self, group: str) -> list[Member]:
+        """Presence records of this process's members of *group*."""
+        return [Member(link.id, link.user_id) for link in self.local(group)]

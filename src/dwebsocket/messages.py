@@ -1,0 +1,73 @@
+"""What a WebSocket message is, and the checks every layer applies to one.
+
+A leaf module: it imports nothing else from dwebsocket, so every layer (the
+connection, the transports, the groups, the test client) can use it.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+from wsproto.frame_protocol import FrameProtocol
+
+__all__ = ["Frame", "Message", "check_close_code", "check_message", "message_size"]
+
+#: What a WebSocket message is: ``str`` for a text frame, ``bytes`` for a binary one.
+Message = Union[str, bytes]
+
+# Close codes a server may send (RFC 6455 section 7.4 and the IANA registry).
+_SENDABLE_CODES = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
+
+
+def check_close_code(code: int, reason: str) -> None:
+    """Raise ``ValueError`` unless *code* and *reason* may go in a close frame."""
+    if not (code in _SENDABLE_CODES or 3000 <= code <= 4999):
+        raise ValueError(
+            f"{code} is not a close code a server may send; use 1000 (normal), "
+            "1001 (going away), 1008 (policy), 1011 (error) or an application code 3000-4999."
+        )
+    if len(reason.encode("utf-8")) > 123:
+        raise ValueError("A close reason must fit in 123 bytes of UTF-8.")
+
+
+def check_message(message: object) -> Message:
+    """Return *message* as ``str`` or ``bytes``, or raise ``TypeError`` naming the fix."""
+    if isinstance(message, (str, bytes)):
+        return message
+    if isinstance(message, (bytearray, memoryview)):
+        return bytes(message)
+    raise TypeError(
+        f"send() takes str (a text frame) or bytes (a binary frame), not "
+        f"{type(message).__name__}; for JSON, send json.dumps(data)."
+    )
+
+
+def message_size(message: Message) -> int:
+    """The size of *message* on the wire, in bytes (UTF-8 for text)."""
+    if isinstance(message, bytes):
+        return len(message)
+    return len(message) if message.isascii() else len(message.encode("utf-8"))
+
+
+class Frame:
+    """A message to send to many clients, framed once for all of them.
+
+    A group broadcast builds one :class:`Frame` and hands it to every member's
+    transport: a socket transport writes :attr:`data` as it is (unless the
+    connection compresses, which needs a frame of its own), the others send
+    :attr:`message`.
+    """
+
+    __slots__ = ("message", "size", "_data")
+
+    def __init__(self, message: Message) -> None:
+        self.message = message
+        self.size = message_size(message)
+        self._data: bytes | None = None
+
+    @property
+    def data(self) -> bytes:
+        """The unmasked, uncompressed server frame, built on first use."""
+        if self._data is None:  # a race builds it twice, harmlessly
+            self._data = bytes(FrameProtocol(client=False, extensions=[]).send_data(self.message, True))
+        return self._data

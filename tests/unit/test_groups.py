@@ -1,0 +1,28 @@
+"""Group membership in one process, and the Redis broker's wire format."""
+
+from __future__ import annotations
+
+from dwebsocket import group_size
+from dwebsocket.connection import Connection
+from dwebsocket.groups import join, wait_join
+
+
+def test_a_closed_connection_joins_no_group():
+    connection = Connection()
+    link = connection._link
+    link.opened(object())  # type: ignore[arg-type]
+    wait_join(join(link, "units-closed"))
+    assert group_size("units-closed") == 1
+    link.closed_with(1006)
+    assert group_size("units-closed") == 0
+    wait_join(join(link, "units-closed"))  # e.g. a view that joins after its client vanished
+    wait_join(join(link, "units-other"))
+    assert group_size("units-closed") == 0 and group_size("units-other") == 0
+
+
+def test_redis_wire_format_round_trips():
+    from dwebsocket.groups.brokers.redis import decode, encode
+
+    for message, exclude in (("héllo", None), (b"\x00\n\xff", "abc123"), ("", "x")):
+        assert decode(encode(message, exclude)) == (message, exclude)
+

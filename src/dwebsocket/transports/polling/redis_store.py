@@ -133,7 +133,10 @@ class RedisStore:
     def _create(self, pipe: redis.client.Pipeline | redis.asyncio.client.Pipeline, view: ViewEnd) -> None:
         """Queue on *pipe* the writes that make *view*'s session findable."""
         keys = _keys(view.sid)
-        pipe.hset(keys.base, mapping={"binding": view.binding or "", "owner": self._owner})
+        mapping = {"owner": self._owner}
+        if view.binding is not None:  # no field at all: no cookie ("" is a cookie too)
+            mapping["binding"] = view.binding
+        pipe.hset(keys.base, mapping=mapping)
         pipe.set(keys.seen, time.time())
         for name in keys:
             pipe.expire(name, _TTL)
@@ -153,7 +156,7 @@ class RedisStore:
     def _found(self, sid: str, binding: object, owner: object) -> ClientEnd | None:
         if owner is None:
             return None
-        return _RemoteSession(self._url, sid, _text(binding or b"") or None, _text(owner))
+        return _RemoteSession(self._url, sid, None if binding is None else _text(binding), _text(owner))
 
     # -- the owner -----------------------------------------------------------------
 

@@ -154,6 +154,8 @@ def parse_open(body: bytes) -> list[str]:
         protocols = _json_object(body).get("protocols", [])
     except WireError:
         return []
+    if isinstance(protocols, str):  # new WebSocket(url, "chat") offers one, as a string
+        return [protocols]
     return [str(p) for p in protocols] if isinstance(protocols, list) else []
 
 

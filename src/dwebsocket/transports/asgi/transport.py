@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Generator
+from typing import Any, cast
 
 from django.http import HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
@@ -28,6 +29,16 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
+def _resolver(future: asyncio.Future[bool]) -> Done:
+    """A :data:`Done` that resolves *future* (on the loop)."""
+
+    def resolve(ok: bool) -> None:
+        if not future.done():
+            future.set_result(ok)
+
+    return resolve
+
+
 class _Finished(HttpResponse):
     """What a WebSocket view hands back under ASGI: the connection already ended."""
 
@@ -36,16 +47,73 @@ class _Finished(HttpResponse):
 
 _HANDED_OVER = 32  # sends a thread may hand to the loop before it waits for them
 
+Done = Callable[[bool], object]  # told whether a message was sent
+
+
+class _Mailbox:
+    """Hands messages from other threads to one event loop, many per wake-up.
+
+    A broadcast from a thread reaches a thousand members of one loop with one
+    ``call_soon_threadsafe``, not a thousand. ``_lock`` guards ``_items`` and
+    ``_scheduled``; the pump task, on the loop, is the only consumer.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._items: deque[tuple[AsgiTransport, dict[str, Any], Done | None]] = deque()
+        self._scheduled = False
+
+    def post(self, transport: AsgiTransport, event: dict[str, Any], done: Done | None) -> bool:
+        """Queue *event* for *transport*; ``False`` if the loop is closed."""
+        with self._lock:
+            self._items.append((transport, event, done))
+            if self._scheduled:
+                return True
+            self._scheduled = True
+        try:
+            self._loop.call_soon_threadsafe(self._pump)
+        except RuntimeError:  # the loop is closed: the server is shutting down
+            with self._lock:
+                self._scheduled = False
+                self._items.clear()
+            return False
+        return True
+
+    def _pump(self) -> None:
+        with self._lock:
+            items, self._items = self._items, deque()
+            self._scheduled = False
+        for transport, event, done in items:
+            transport._submit(event, done)
+
+
+_mailboxes_lock = threading.Lock()
+_mailboxes: dict[asyncio.AbstractEventLoop, _Mailbox] = {}  # guarded by _mailboxes_lock
+
+
+def _mailbox(loop: asyncio.AbstractEventLoop) -> _Mailbox:
+    with _mailboxes_lock:
+        found = _mailboxes.get(loop)
+        if found is None:
+            for stale in [known for known in _mailboxes if known.is_closed()]:
+                del _mailboxes[stale]
+            found = _mailboxes[loop] = _Mailbox(loop)
+        return found
+
 
 class AsgiTransport:
     """Carries one connection over ASGI messages.
 
-    Runs on the server's event loop. Threads (sync views, or any thread that
-    broadcasts) reach it through ``call_soon_threadsafe``, which keeps their
-    order; ``_send_lock`` (an asyncio lock, owned by the loop, first come first
-    served) keeps sends in that order on the loop. A thread's ``send()`` hands
-    the message over without waiting for it to be written: ``_handed_over``
-    (a semaphore) bounds how many it may have handed over and not yet written,
+    Runs on the server's event loop. Every message goes out through one
+    queue, in order: ``_submit`` (on the loop) sends at once when nothing is
+    under way, calling the server's ``send`` directly, and queues otherwise.
+    A server's ``send`` usually completes without suspending; when it does
+    suspend (its client is slow), a task carries it on and the queue waits.
+    Threads (sync views, or any thread that broadcasts) reach the loop
+    through the loop's :class:`_Mailbox`, which keeps their order. A
+    thread's ``send()`` does not wait for the write: ``_handed_over`` (a
+    semaphore) bounds how many it may have handed over and not yet written,
     so that a view that outpaces its client waits for it.
     """
 
@@ -56,9 +124,12 @@ class AsgiTransport:
         self._receive = receive
         self._send = send
         self._loop = loop
+        self._mailbox = _mailbox(loop)
         self._link = link
         self._limits = link.limits
-        self._send_lock = asyncio.Lock()
+        # Owned by the loop: what waits to be sent, and whether a send is under way.
+        self._queue: deque[tuple[dict[str, Any], Done | None]] = deque()
+        self._busy = False
         self._handed_over = threading.BoundedSemaphore(_HANDED_OVER)
         self._close_sent = False  # owned by the loop
         # Owned by the loop: the client is gone, and what afinish() waits on for it.
@@ -80,9 +151,64 @@ class AsgiTransport:
         except RuntimeError:
             return False
 
-    def _call(self, coroutine: Awaitable[Any]) -> Any:
+    def _call(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
         """Run *coroutine* on the loop and wait for it, from any thread but the loop's."""
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()  # type: ignore[arg-type]
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    # -- the send queue (on the loop) ---------------------------------------
+
+    def _submit(self, event: dict[str, Any], done: Done | None) -> None:
+        """Send *event* after everything submitted before it; on the loop."""
+        if self._busy or self._queue:
+            self._queue.append((event, done))
+            return
+        self._run(event, done)
+
+    def _run(self, event: dict[str, Any] | None, done: Done | None) -> None:
+        """Send *event*, then what queued behind it, until a send suspends."""
+        while event is not None:
+            self._busy = True
+            steps = self._send(event).__await__()
+            try:
+                waiting_for = steps.send(None)
+            except StopIteration:
+                ok = True
+            except Exception:  # the server refuses sends once the client is gone
+                ok = False
+            else:  # the server's send must wait (a slow client): a task carries it on
+                self._loop.create_task(self._carry_on(steps, waiting_for, done))
+                return
+            if done is not None:
+                done(ok)
+            event, done = self._queue.popleft() if self._queue else (None, None)
+        self._busy = False
+
+    async def _carry_on(self, steps: Generator[Any, None, Any], waiting_for: object, done: Done | None) -> None:
+        """Finish a server send that suspended, as a task would, then go on with the queue.
+
+        *steps* is the send's ``__await__()`` iterator; it yielded *waiting_for*,
+        the future it waits for (or ``None`` for a bare yield).
+        """
+        ok = False
+        try:
+            while True:
+                try:
+                    if waiting_for is None:  # a bare yield (asyncio.sleep(0))
+                        await asyncio.sleep(0)
+                    else:
+                        await asyncio.wait([cast("asyncio.Future[Any]", waiting_for)])
+                except asyncio.CancelledError as exc:  # the loop is shutting down
+                    waiting_for = steps.throw(exc)
+                    continue
+                waiting_for = steps.send(None)
+        except StopIteration:
+            ok = True
+        except BaseException:  # the client is gone, or the loop is shutting down
+            steps.close()
+        if done is not None:
+            done(ok)
+        event, done = self._queue.popleft() if self._queue else (None, None)
+        self._run(event, done)
 
     # -- sending -----------------------------------------------------------
 
@@ -90,36 +216,28 @@ class AsgiTransport:
         if self._close_sent or self._disconnected:
             return False
         key = "text" if isinstance(message, str) else "bytes"
-        try:
-            async with self._send_lock:
-                await self._send({"type": "websocket.send", key: message})
-        except Exception:  # the server refuses sends once the client is gone
-            return False
-        return True
+        sent: asyncio.Future[bool] = self._loop.create_future()
+        self._submit({"type": "websocket.send", key: message}, _resolver(sent))
+        return await sent  # already done, without suspending, when the send was
 
     def send(self, message: Message) -> bool:
-        if self._on_loop():
-            # Called from sync code running on the loop (a sync helper inside an
-            # async view): the send cannot be awaited here, so it is scheduled.
-            self._loop.create_task(self.asend(message))
-            return not (self._close_sent or self._disconnected)
         if self._close_sent or self._disconnected:  # a stale read only delays this answer
             return False
+        key = "text" if isinstance(message, str) else "bytes"
+        event = {"type": "websocket.send", key: message}
+        if self._on_loop():
+            # Called from sync code running on the loop (a sync helper inside
+            # an async view): queued in order, not waited for.
+            self._submit(event, None)
+            return True
         self._handed_over.acquire()  # waits while the client is that far behind
-        sending = self._send_handed_over(message)
-        try:
-            self._loop.call_soon_threadsafe(self._spawn, sending)
-        except RuntimeError:  # the loop is closed: the server is shutting down
-            sending.close()
+        if not self._mailbox.post(self, event, self._handed_back):
             self._handed_over.release()
             return False
         return True
 
-    async def _send_handed_over(self, message: Message) -> None:
-        try:
-            await self.asend(message)
-        finally:
-            self._handed_over.release()
+    def _handed_back(self, ok: bool) -> None:
+        self._handed_over.release()
 
     def offer(self, frame: Frame) -> bool:
         with self._offered_lock:
@@ -133,35 +251,37 @@ class AsgiTransport:
             if verdict == "overflow" and self._link.begin_close() is not None:
                 self._loop.call_soon_threadsafe(self._spawn, self.aclose(*OVERFLOW_CLOSE))
             return False
-        self._loop.call_soon_threadsafe(self._spawn, self._send_offered(frame.message))
+        message = frame.message
+        event = {"type": "websocket.send", "text" if isinstance(message, str) else "bytes": message}
+        if self._on_loop():
+            self._submit(event, self._offer_sent)
+            return True
+        if not self._mailbox.post(self, event, self._offer_sent):
+            self._offer_sent(False)
+            return False
         return True
 
-    def _spawn(self, coroutine: Any) -> None:
+    def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
         self._loop.create_task(coroutine)
 
-    async def _send_offered(self, message: Message) -> None:
-        try:
-            await self.asend(message)  # the send lock is fair: broadcasts keep their order
-        finally:
-            with self._offered_lock:
-                self._offered -= 1
-                self._progress = time.monotonic()
+    def _offer_sent(self, ok: bool) -> None:
+        with self._offered_lock:
+            self._offered -= 1
+            self._progress = time.monotonic()
 
     async def aclose(self, code: int, reason: str) -> None:
         if self._close_sent or self._disconnected:
             return
         self._close_sent = True
-        async with self._send_lock:
-            try:
-                await self._send({"type": "websocket.close", "code": code, "reason": reason})
-            except Exception:
-                if code == 1000:
-                    return
-                # Some servers (daphne) only send 1000 and 3000-4999: close all the same.
-                try:
-                    await self._send({"type": "websocket.close", "code": 1000, "reason": reason})
-                except Exception:
-                    pass
+        if await self._aclose_event(code, reason) or code == 1000:
+            return
+        # Some servers (daphne) only send 1000 and 3000-4999: close all the same.
+        await self._aclose_event(1000, reason)
+
+    async def _aclose_event(self, code: int, reason: str) -> bool:
+        sent: asyncio.Future[bool] = self._loop.create_future()
+        self._submit({"type": "websocket.close", "code": code, "reason": reason}, _resolver(sent))
+        return await sent
 
     def close(self, code: int, reason: str) -> None:
         if self._on_loop():

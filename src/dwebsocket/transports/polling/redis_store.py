@@ -133,10 +133,9 @@ class RedisStore:
     def _create(self, pipe: redis.client.Pipeline | redis.asyncio.client.Pipeline, view: ViewEnd) -> None:
         """Queue on *pipe* the writes that make *view*'s session findable."""
         keys = _keys(view.sid)
-        mapping = {"owner": self._owner}
+        pipe.hset(keys.base, "owner", self._owner)
         if view.binding is not None:  # no field at all: no cookie ("" is a cookie too)
-            mapping["binding"] = view.binding
-        pipe.hset(keys.base, mapping=mapping)
+            pipe.hset(keys.base, "binding", view.binding)
         pipe.set(keys.seen, time.time())
         for name in keys:
             pipe.expire(name, _TTL)

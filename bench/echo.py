@@ -72,10 +72,10 @@ class Config:
 CONFIGS = [
     Config("dws-gthread", "dwebsocket", "sync view", "gunicorn gthread", "gthread-echo", "/echo/sync/"),
     Config("flask-sock", "flask-sock", "sync route", "gunicorn gthread", "gthread-echo", "/echo", project="flask-echo"),
-    Config("dws-uvicorn-async", "dwebsocket", "async view", "uvicorn", "uvicorn", "/echo/async/"),
-    Config("channels", "Channels", "AsyncWebsocketConsumer", "uvicorn", "uvicorn", "/echo/channels/",
+    Config("dws-uvicorn-async", "dwebsocket", "async view", "uvicorn", "echo-uvicorn", "/echo/async/"),
+    Config("channels", "Channels", "AsyncWebsocketConsumer", "uvicorn", "echo-uvicorn", "/echo/channels/",
            env={"BENCH_STACK": "channels"}),
-    Config("dws-uvicorn-sync", "dwebsocket", "sync view", "uvicorn", "uvicorn", "/echo/sync/"),
+    Config("dws-uvicorn-sync", "dwebsocket", "sync view", "uvicorn", "echo-uvicorn", "/echo/sync/"),
 ]
 RATIOS = [
     ("dwebsocket gthread / flask-sock gthread", "dws-gthread", "flask-sock"),
@@ -84,12 +84,14 @@ RATIOS = [
 
 
 def register_servers(threads: int) -> None:
-    """Teach tests.servers.start_server gunicorn gthread with *threads* threads, and the Flask app."""
+    """Teach tests.servers.start_server gunicorn gthread with *threads* threads, uvicorn on asyncio, the Flask app."""
     extra = no_control_socket()
     SERVERS["gthread-echo"] = lambda port, p: [
         sys.executable, "-m", "gunicorn", "-k", "gthread", "--threads", str(threads),
         "-b", f"127.0.0.1:{port}", "--graceful-timeout", "2", *extra, p.wsgi,
     ]
+    # The tests' uvicorn, on asyncio's loop even though the bench venv has uvloop (for bench/fanout.py's client).
+    SERVERS["echo-uvicorn"] = lambda port, p: [*SERVERS["uvicorn"](port, p), "--loop", "asyncio"]
     PROJECTS["flask-echo"] = Project("bench/flask_echo.py", "bench.flask_echo:app", ROOT, "bench.project.settings")
 
 

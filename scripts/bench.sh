@@ -2,8 +2,11 @@
 # Runs a benchmark under bench/ side by side with the alternatives, in a virtualenv
 # of its own (.venvs/bench); needs redis-server (installed as for the tests).
 #
-#   scripts/bench.sh fanout                     # python -m bench.fanout: broadcasts, vs Channels
-#   scripts/bench.sh fanout --members 200
+#   scripts/bench.sh fanout                     # python -m bench.fanout: broadcast to 1000 members in one
+#                                               # process, vs flask-sock, a bare ASGI app and Channels
+#   scripts/bench.sh fanout --members 50 --messages 5 --duration 3 --rounds 1 --burst 200   # a smoke run
+#   scripts/bench.sh fanout --configs gthread,flask-gthread    # some configurations (--help lists them)
+#   scripts/bench.sh fanout --configs redis,channels-redis     # 2 processes sharing a redis-server
 #   scripts/bench.sh echo                       # python -m bench.echo: round trips, vs flask-sock and Channels
 #   scripts/bench.sh echo --clients 50 --duration 5
 set -euo pipefail

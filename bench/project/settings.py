@@ -16,17 +16,22 @@ USE_TZ = True
 ASGI_APPLICATION = "bench.project.asgi.application"
 
 REDIS_URL = os.environ.get("BENCH_REDIS_URL")
+# BENCH_DEFAULTS=1 (bench/fanout.py's burst check) keeps each library's default
+# slow-member policy; otherwise the queues are sized to measure delivery, not the policy.
+DEFAULTS = bool(os.environ.get("BENCH_DEFAULTS"))
+CAPACITY = {} if DEFAULTS else {"capacity": 100_000}
 # dwebsocket
 WEBSOCKET_BROKER = REDIS_URL or "memory"
-WEBSOCKET_BROADCAST_QUEUE = 100_000  # measure delivery, not the slow-client policy
+if not DEFAULTS:
+    WEBSOCKET_BROADCAST_QUEUE = 100_000
 # Channels
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "capacity": 100_000},
+            "CONFIG": {"hosts": [REDIS_URL], **CAPACITY},
         }
     }
 else:
-    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer", "CONFIG": {"capacity": 100_000}}}
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer", "CONFIG": CAPACITY}}
 LOGGING = {"version": 1, "disable_existing_loggers": False, "root": {"level": "WARNING"}}

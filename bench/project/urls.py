@@ -5,6 +5,7 @@ from . import views
 urlpatterns = [
     path("health/", views.health),
     path("member/", views.member),
+    path("member/sync/", views.member_sync),
     path("fanout/dwebsocket/", views.dwebsocket_fanout),
     path("fanout/channels/", views.channels_fanout),
     path("echo/sync/", views.echo_sync),

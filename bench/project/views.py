@@ -1,6 +1,7 @@
 """The views the benchmarks compare, in dwebsocket and in Channels.
 
-Fan-out (bench/fanout.py): members join group "bench"; an HTTP request broadcasts.
+Fan-out (bench/fanout.py): members join group "bench"; an HTTP request broadcasts
+``?n=`` messages, numbered from ``?start=`` (default 0), each "<number> <time sent>".
 Echo (bench/echo.py): every message is sent back as it is.
 """
 
@@ -22,17 +23,31 @@ def health(request):
 
 @require_websocket
 async def member(request):
-    """dwebsocket: a member that only listens."""
+    """dwebsocket, async view: a member that only listens."""
     ws = request.websocket
     await ws.join(GROUP)
     await ws.send("joined")
     await ws.wait()
 
 
+@require_websocket
+def member_sync(request):
+    """dwebsocket, sync view: the same member (gunicorn gthread or gevent)."""
+    ws = request.websocket
+    ws.join(GROUP)
+    ws.send("joined")
+    while ws.wait() is not None:  # the client sends nothing: returns at close
+        pass
+
+
+def _numbers(request) -> range:
+    start = int(request.GET.get("start", "0"))
+    return range(start, start + int(request.GET.get("n", "1")))
+
+
 def dwebsocket_fanout(request):
-    count = int(request.GET.get("n", "1"))
-    for index in range(count):
-        broadcast(GROUP, f"{index} {time.time()!r}")
+    for number in _numbers(request):
+        broadcast(GROUP, f"{number} {time.time()!r}")
     return HttpResponse("ok")
 
 
@@ -53,9 +68,8 @@ class Member(AsyncWebsocketConsumer):
 
 def channels_fanout(request):
     layer = get_channel_layer()
-    count = int(request.GET.get("n", "1"))
-    for index in range(count):
-        async_to_sync(layer.group_send)(GROUP, {"type": "bench.message", "text": f"{index} {time.time()!r}"})
+    for number in _numbers(request):
+        async_to_sync(layer.group_send)(GROUP, {"type": "bench.message", "text": f"{number} {time.time()!r}"})
     return HttpResponse("ok")
 
 

@@ -1,0 +1,49 @@
+"""flask-sock's fan-out, for bench/fanout.py: the "plain loop" baseline.
+
+A member appends its socket to a list and blocks reading; a broadcast loops
+over the list and calls ``send()`` on each, in the request's thread. Served as
+flask-sock documents it, by gunicorn with threads (or gevent):
+
+    gunicorn -k gthread --threads 1016 --worker-connections 1100 -b 127.0.0.1:8000 bench.flask_fanout:app
+"""
+
+import time
+
+from flask import Flask, request
+from flask_sock import Sock
+from simple_websocket import ConnectionClosed
+
+app = Flask(__name__)
+sock = Sock(app)
+clients = []
+
+
+@app.get("/health/")
+def health() -> str:
+    return "ok"
+
+
+@sock.route("/member")
+def member(ws) -> None:
+    """Listen until the client closes (flask-sock ends the route then)."""
+    clients.append(ws)
+    try:
+        ws.send("joined")
+        while True:
+            ws.receive()
+    finally:
+        clients.remove(ws)
+
+
+@app.get("/fanout")
+def fanout() -> str:
+    """Broadcast ``?n=`` messages numbered from ``?start=``, each "<number> <time sent>"."""
+    start = int(request.args.get("start", "0"))
+    for number in range(start, start + int(request.args.get("n", "1"))):
+        message = f"{number} {time.time()!r}"
+        for ws in list(clients):
+            try:
+                ws.send(message)
+            except ConnectionClosed:
+                pass
+    return "ok"

@@ -191,7 +191,10 @@ CONFIGS = [
            "/member/sync/", "/fanout/dwebsocket/"),
     Config("gevent", "dwebsocket", "sync view", "gunicorn gevent", "fanout-gevent",
            "/member/sync/", "/fanout/dwebsocket/"),
-    Config("uvicorn", "dwebsocket", "async view", "uvicorn", "fanout-uvicorn", "/member/", "/fanout/dwebsocket/"),
+    Config("uvicorn", "dwebsocket", "async view, broadcast from a sync view", "uvicorn", "fanout-uvicorn",
+           "/member/", "/fanout/dwebsocket/"),
+    Config("uvicorn-async", "dwebsocket", "async view, broadcast from an async view", "uvicorn", "fanout-uvicorn",
+           "/member/", "/fanout/dwebsocket/async/"),
     Config("flask-gthread", "flask-sock", "plain loop", "gunicorn gthread", "fanout-gthread",
            "/member", "/fanout", project="flask-fanout"),
     Config("flask-gevent", "flask-sock", "plain loop", "gunicorn gevent", "fanout-gevent",
@@ -205,11 +208,12 @@ CONFIGS = [
            "fanout-uvicorn", "/member/", "/fanout/channels/", env={"BENCH_STACK": "channels"}, processes=2),
 ]
 BY_KEY = {config.key: config for config in CONFIGS}
-DEFAULT_KEYS = ["gthread", "gevent", "uvicorn", "flask-gthread", "flask-gevent", "asgi", "channels"]
+DEFAULT_KEYS = ["gthread", "gevent", "uvicorn", "uvicorn-async", "flask-gthread", "flask-gevent", "asgi", "channels"]
 RATIOS = [
     ("dwebsocket gthread / flask-sock gthread", "gthread", "flask-gthread"),
     ("dwebsocket gevent / flask-sock gevent", "gevent", "flask-gevent"),
     ("dwebsocket uvicorn / bare ASGI uvicorn", "uvicorn", "asgi"),
+    ("dwebsocket uvicorn, async broadcast / bare ASGI uvicorn", "uvicorn-async", "asgi"),
     ("dwebsocket uvicorn / Channels uvicorn", "uvicorn", "channels"),
     ("dwebsocket / Channels, 2 processes, Redis", "redis", "channels-redis"),
 ]

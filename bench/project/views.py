@@ -46,6 +46,14 @@ def _numbers(request) -> range:
 
 
 def dwebsocket_fanout(request):
+    """dwebsocket: broadcasts from a plain (sync) view, the usual Django view."""
+    for number in _numbers(request):
+        broadcast(GROUP, f"{number} {time.time()!r}")
+    return HttpResponse("ok")
+
+
+async def dwebsocket_fanout_async(request):
+    """dwebsocket: the same broadcasts from an async view (on the event loop, as the bare ASGI app)."""
     for number in _numbers(request):
         broadcast(GROUP, f"{number} {time.time()!r}")
     return HttpResponse("ok")

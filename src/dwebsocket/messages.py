@@ -6,6 +6,7 @@ connection, the transports, the groups, the test client) can use it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Union
 
 from wsproto.frame_protocol import FrameProtocol
@@ -58,12 +59,28 @@ class Frame:
     :attr:`message`.
     """
 
-    __slots__ = ("message", "size", "_data")
+    __slots__ = ("message", "size", "_data", "_after")
 
     def __init__(self, message: Message) -> None:
         self.message = message
         self.size = message_size(message)
         self._data: bytes | None = None
+        # Owned by the broadcasting thread: what to do once every member has it.
+        self._after: list[Callable[[], object]] = []
+
+    def after_offered(self, callback: Callable[[], object]) -> None:
+        """Call *callback* once the frame has been offered to every member.
+
+        A transport that hands messages to another thread can wake it once
+        per broadcast instead of once per member.
+        """
+        self._after.append(callback)
+
+    def offered(self) -> None:
+        """Every member has been offered the frame (called by the broadcaster)."""
+        callbacks, self._after = self._after, []
+        for callback in callbacks:
+            callback()
 
     @property
     def data(self) -> bytes:

@@ -99,9 +99,12 @@ class Registry:
         """Offer *message* to this process's members of *group*; returns how many took it."""
         frame = Frame(message)
         count = 0
-        for member in self.local(group):
-            if member.id != exclude and member.offer(frame):
-                count += 1
+        try:
+            for member in self.local(group):
+                if member.id != exclude and member.offer(frame):
+                    count += 1
+        finally:
+            frame.offered()
         return count
 
     def members(self, group: str) -> list[Member]:

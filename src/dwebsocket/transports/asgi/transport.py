@@ -64,13 +64,26 @@ class _Mailbox:
         self._items: deque[tuple[AsgiTransport, dict[str, Any], Done | None]] = deque()
         self._scheduled = False
 
-    def post(self, transport: AsgiTransport, event: dict[str, Any], done: Done | None) -> bool:
-        """Queue *event* for *transport*; ``False`` if the loop is closed."""
+    def post(
+        self, transport: AsgiTransport, event: dict[str, Any], done: Done | None, frame: Frame | None = None
+    ) -> bool:
+        """Queue *event* for *transport*; ``False`` if the loop is closed.
+
+        For a broadcast (*frame*), the loop is woken once every member has been
+        offered the frame, not at the first: the broadcasting thread and the
+        loop do not take turns at the GIL for each member.
+        """
         with self._lock:
             self._items.append((transport, event, done))
             if self._scheduled:
                 return True
             self._scheduled = True
+        if frame is not None:
+            frame.after_offered(self._wake)
+            return True
+        return self._wake()
+
+    def _wake(self) -> bool:
         try:
             self._loop.call_soon_threadsafe(self._pump)
         except RuntimeError:  # the loop is closed: the server is shutting down
@@ -127,6 +140,7 @@ class AsgiTransport:
         self._mailbox = _mailbox(loop)
         self._link = link
         self._limits = link.limits
+        self._loop_thread = threading.get_ident()  # made on the loop, in AsgiOpener.aopen
         # Owned by the loop: what waits to be sent, and whether a send is under way.
         self._queue: deque[tuple[dict[str, Any], Done | None]] = deque()
         self._busy = False
@@ -146,10 +160,7 @@ class AsgiTransport:
         self._receiver = self._loop.create_task(self._receive_loop())
 
     def _on_loop(self) -> bool:
-        try:
-            return asyncio.get_running_loop() is self._loop
-        except RuntimeError:
-            return False
+        return threading.get_ident() == self._loop_thread
 
     def _call(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
         """Run *coroutine* on the loop and wait for it, from any thread but the loop's."""
@@ -256,7 +267,7 @@ class AsgiTransport:
         if self._on_loop():
             self._submit(event, self._offer_sent)
             return True
-        if not self._mailbox.post(self, event, self._offer_sent):
+        if not self._mailbox.post(self, event, self._offer_sent, frame):
             self._offer_sent(False)
             return False
         return True

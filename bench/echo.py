@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import platform
 import statistics
 import sys
@@ -83,15 +84,20 @@ RATIOS = [
 ]
 
 
-def register_servers(threads: int) -> None:
-    """Teach tests.servers.start_server gunicorn gthread with *threads* threads, uvicorn on asyncio, the Flask app."""
+def register_servers(threads: int, server_cpu: int | None) -> None:
+    """Teach tests.servers.start_server gunicorn gthread with *threads* threads, uvicorn on asyncio, the Flask app.
+
+    With *server_cpu*, every server runs pinned to that core (``taskset``).
+    """
     extra = no_control_socket()
+    pinned = ["taskset", "-c", str(server_cpu)] if server_cpu is not None else []
     SERVERS["gthread-echo"] = lambda port, p: [
-        sys.executable, "-m", "gunicorn", "-k", "gthread", "--threads", str(threads),
+        *pinned, sys.executable, "-m", "gunicorn", "-k", "gthread", "--threads", str(threads),
         "-b", f"127.0.0.1:{port}", "--graceful-timeout", "2", *extra, p.wsgi,
     ]
     # The tests' uvicorn, on asyncio's loop even though the bench venv has uvloop (for bench/fanout.py's client).
-    SERVERS["echo-uvicorn"] = lambda port, p: [*SERVERS["uvicorn"](port, p), "--loop", "asyncio"]
+    uvicorn = SERVERS["uvicorn"]
+    SERVERS["echo-uvicorn"] = lambda port, p: [*pinned, *uvicorn(port, p), "--loop", "asyncio"]
     PROJECTS["flask-echo"] = Project("bench/flask_echo.py", "bench.flask_echo:app", ROOT, "bench.project.settings")
 
 
@@ -268,11 +274,20 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds before each measurement")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="gunicorn --threads (default: clients + 16)")
+    parser.add_argument("--server-cpu", type=int, default=0, help="core the servers are pinned to")
+    parser.add_argument("--client-cpu", type=int, default=1, help="core the clients are pinned to")
+    parser.add_argument("--no-pin", action="store_true", help="pin nothing")
     args = parser.parse_args()
     threads = args.threads or args.clients + 16
-    register_servers(threads)
+    pin = not args.no_pin and shutil.which("taskset") is not None and (
+        {args.server_cpu, args.client_cpu} <= os.sched_getaffinity(0)
+    )
+    register_servers(threads, args.server_cpu if pin else None)
+    if pin:
+        os.sched_setaffinity(0, {args.client_cpu})
     print(f"Echo, {args.clients} clients, {MESSAGE_BYTES}-byte text messages, {args.duration:g} s after "
           f"{args.warmup:g} s warm-up, median of {args.rounds} rounds (gunicorn --threads {threads})")
+    print(f"servers pinned to CPU {args.server_cpu}, the clients to CPU {args.client_cpu}" if pin else "nothing pinned")
     print(versions())
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n", flush=True)
     results, failures = measure_all(args)

@@ -90,14 +90,6 @@ class Handshake:
         """The subprotocols the client offered, in its order of preference."""
         return list(self._request.subprotocols)
 
-    def select_subprotocol(self, supported: Iterable[str] | None) -> str | None:
-        """The first subprotocol the client offered that the view supports."""
-        supported = list(supported or ())
-        for offered in self._request.subprotocols:
-            if offered in supported:
-                return offered
-        return None
-
     def accept(
         self, subprotocol: str | None, *, compression: bool, max_message_size: int | None = None
     ) -> bytes:

@@ -191,6 +191,8 @@ class SocketTransport:
 
     def _drain(self) -> bool:
         """Write everything that waits, in order, waiting for the socket; hold ``_lock``."""
+        if self._outbox.is_empty():  # the common case, without the outbox's lock
+            return True
         while True:
             item = self._outbox.take()
             if item is None:
@@ -201,6 +203,8 @@ class SocketTransport:
 
     def _finish_head(self) -> bool:
         """Write the rest of a frame the socket took in part, so another may follow; hold ``_lock``."""
+        if self._outbox.is_empty():
+            return True
         head = self._outbox.peek()
         if isinstance(head, bytes):
             self._outbox.take()

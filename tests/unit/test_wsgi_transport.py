@@ -1,0 +1,96 @@
+"""The WSGI socket transport's write path, on a real socket pair: direct writes,
+partial writes, the outbox, and the hub that drains it."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+from django.test import RequestFactory
+
+from dwebsocket.connection import Connection
+from dwebsocket.handshake import Handshake
+from dwebsocket.messages import Frame
+from dwebsocket.transports.policy import Limits
+from dwebsocket.transports.wsgi.transport import SocketTransport
+
+
+def open_transport(limits: Limits) -> tuple[SocketTransport, socket.socket, Connection]:
+    server, client = socket.socketpair()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    request = RequestFactory().get(
+        "/", HTTP_UPGRADE="websocket", HTTP_CONNECTION="Upgrade", HTTP_HOST="testserver",
+        HTTP_SEC_WEBSOCKET_KEY="dGhlIHNhbXBsZSBub25jZQ==", HTTP_SEC_WEBSOCKET_VERSION="13",
+    )
+    handshake = Handshake(request)
+    handshake.accept(None, compression=False)
+    connection = Connection(limits)
+    transport = SocketTransport(server, handshake.connection, connection._link)
+    connection._link.opened(transport)
+    transport.start()
+    return transport, client, connection
+
+
+def read_exactly(sock: socket.socket, size: int, timeout: float = 10.0) -> bytes:
+    sock.settimeout(timeout)
+    data = bytearray()
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        assert chunk, "the server closed the socket"
+        data += chunk
+    return bytes(data)
+
+
+@pytest.fixture
+def opened():
+    made = []
+
+    def make(**limits):
+        made.append(open_transport(Limits(ping_interval=None, **limits)))
+        return made[-1]
+
+    yield make
+    for transport, client, connection in made:
+        client.close()
+        transport.finish()
+
+
+def test_broadcasts_a_full_socket_cannot_take_wait_and_arrive_whole_and_in_order(opened):
+    transport, client, connection = opened()
+    frames = [Frame(f"{n:04d} " + "x" * 3000) for n in range(200)]  # ~600 kB: far more than the buffers
+    started = time.monotonic()
+    assert all(transport.offer(frame) for frame in frames)
+    assert time.monotonic() - started < 1.0  # the broadcaster never waited for the client
+    assert len(transport._outbox) > 0  # the rest waits, the first of it maybe in part
+    expected = b"".join(frame.data for frame in frames)
+    assert read_exactly(client, len(expected)) == expected  # the hub wrote the rest as room came
+    assert transport._outbox.is_empty() and connection.connected
+
+
+def test_a_views_send_goes_after_what_waits(opened):
+    transport, client, connection = opened()
+    frames = [Frame("b" * 5000) for _ in range(50)]
+    for frame in frames:
+        transport.offer(frame)
+    reader_bytes = b"".join(frame.data for frame in frames) + Frame("last").data
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(read_exactly(client, len(reader_bytes))))
+    reader.start()
+    assert connection.send("last")  # waits for the socket, after the queued broadcasts
+    reader.join(10)
+    assert received == [reader_bytes]
+
+
+def test_a_client_that_reads_nothing_is_cut_once_it_stalls(opened):
+    transport, client, connection = opened(broadcast_queue=4)
+    for n in range(40):
+        transport.offer(Frame(f"{n} " + "y" * 4000))
+    assert connection.connected  # a burst: not cut yet
+    deadline = time.monotonic() + 5
+    while connection.connected and time.monotonic() < deadline:
+        time.sleep(0.05)  # the hub's clock finds it stalled, with no further broadcast
+    assert connection.closed and connection.close_code == 1013
+    assert transport.offer(Frame("after")) is False

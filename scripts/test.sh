@@ -2,6 +2,8 @@
 # Runs the whole test suite on a fresh machine: installs what the tests need
 # (Python packages in virtualenvs under .venvs/, the Autobahn TestSuite), then runs
 # pytest once per supported Django (4.2 LTS on Python 3.10, 5.2 LTS on 3.11, 6.0 on 3.13).
+# The Django 4.2 run uses the oldest releases dwebsocket supports of redis-py and
+# wsproto; the others the newest (defaults change: redis-py 8's socket timeout).
 #
 #   scripts/test.sh                 # the whole matrix
 #   scripts/test.sh -k seed         # extra arguments go to pytest
@@ -45,8 +47,12 @@ for entry in $MATRIX; do
     "$python" -m venv "$venv"
   fi
   "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
-  "$venv/bin/python" -m pip install -q -e . -r requirements/test.txt "Django~=$django.0"
-  echo "=== Django $("$venv/bin/python" -m django --version) on Python $("$venv/bin/python" -c 'import platform; print(platform.python_version())')"
+  pins=()
+  if [ "$django" = "4.2" ]; then pins=("redis==5.0.*" "wsproto==1.2.*"); fi  # the oldest supported
+  "$venv/bin/python" -m pip install -q -e . -r requirements/test.txt "Django~=$django.0" ${pins[@]+"${pins[@]}"}
+  echo "=== Django $("$venv/bin/python" -m django --version) on Python $("$venv/bin/python" -c 'import platform; print(platform.python_version())')," \
+    "redis-py $("$venv/bin/python" -c 'import redis; print(redis.__version__)')," \
+    "wsproto $("$venv/bin/python" -c 'import wsproto; print(wsproto.__version__)')"
   # The Autobahn cases test the protocol, which does not change with Django:
   # they run once, with the LTS in the middle of the matrix.
   marker=()

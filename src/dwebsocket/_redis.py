@@ -7,13 +7,15 @@ how long a call may take: :func:`client` for quick commands, and
 :func:`blocking_client` for commands that wait on purpose (a long poll's
 ``BLPOP``), whose socket timeout is longer than the wait.
 
-``_lock`` guards ``_clients``: one client per (URL, kind), made on first use.
+``_lock`` guards ``_clients`` and ``_async_clients``: one client per (URL,
+kind), and per event loop for asyncio clients, made on first use.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 from typing import Any
 
 import redis
@@ -33,6 +35,10 @@ _POOL_SIZE = 10_000
 
 _lock = threading.Lock()
 _clients: dict[tuple[Any, ...], Any] = {}
+# Also guarded by _lock: the asyncio clients of each event loop, dropped with the loop.
+_async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, float], redis.asyncio.Redis]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def client(url: str) -> redis.Redis:
@@ -53,15 +59,24 @@ def blocking_client(url: str, wait: float) -> redis.Redis:
 
 
 def aclient(url: str, wait: float) -> redis.asyncio.Redis:
-    """An asyncio client for the running loop (asyncio clients cannot cross loops)."""
+    """An asyncio client for the running loop (asyncio clients cannot cross loops).
+
+    Kept per loop object, not per ``id(loop)``: a new loop may get the id of
+    a closed one, and must not get its client.
+    """
     timeout = wait + COMMAND_TIMEOUT
     loop = asyncio.get_running_loop()
-    return _get(("async", url, timeout, id(loop)), lambda: redis.asyncio.Redis(
-        connection_pool=redis.asyncio.BlockingConnectionPool.from_url(
-            url, max_connections=_POOL_SIZE, timeout=timeout,
-            socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=timeout,
-        )
-    ))
+    with _lock:
+        clients = _async_clients.setdefault(loop, {})
+        found = clients.get((url, timeout))
+        if found is None:
+            found = clients[(url, timeout)] = redis.asyncio.Redis(
+                connection_pool=redis.asyncio.BlockingConnectionPool.from_url(
+                    url, max_connections=_POOL_SIZE, timeout=timeout,
+                    socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=timeout,
+                )
+            )
+        return found
 
 
 def _get(key: tuple[Any, ...], make: Any) -> Any:

@@ -253,16 +253,6 @@ class Link:
         """The primary key of the connection's user, if known (for presence)."""
         return self._connection.user_id
 
-    @property
-    def closed(self) -> bool:
-        """Whether the connection is fully closed."""
-        return self._connection._state == CLOSED
-
-    @property
-    def open(self) -> bool:
-        """Whether the connection is open: no close frame sent or received."""
-        return self._connection._state == OPEN
-
     def opened(self, transport: Transport) -> None:
         """The handshake was answered: *transport* carries the connection from now on."""
         c = self._connection

@@ -43,9 +43,9 @@ def check_message(message: object) -> Message:
     )
 
 
-def message_size(message: Message) -> int:
-    """The size of *message* on the wire, in bytes (UTF-8 for text)."""
-    if isinstance(message, bytes):
+def message_size(message: str | bytes | bytearray) -> int:
+    """The size of *message* (or of a piece of one) on the wire, in bytes (UTF-8 for text)."""
+    if not isinstance(message, str):
         return len(message)
     return len(message) if message.isascii() else len(message.encode("utf-8"))
 

@@ -40,16 +40,12 @@ class Registry:
     def add(self, group: str, link: Link) -> tuple[bool, bool]:
         """Add; (added, first): whether it joined now, and whether it is the group's first here.
 
-        A closed connection joins nothing: its close has left every group for good.
-        Call with :attr:`lock` held.
+        Call with :attr:`lock` held, once the caller made sure the connection is
+        not closed (``groups.join`` registers its close hook first).
         """
-        groups = self._joined.get(link.id)
-        if groups is not None and group in groups:
+        groups = self._joined.setdefault(link.id, set())
+        if group in groups:
             return False, False
-        if groups is None:
-            if link.closed:
-                return False, False
-            groups = self._joined[link.id] = set()
         groups.add(group)
         members = self._members.setdefault(group, {})
         first = not members

@@ -30,7 +30,7 @@ from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping, Pong, TextMessage
 
 from ...connection import Link
-from ...messages import Frame
+from ...messages import Frame, message_size
 from ...messages import Message as MessageData
 from ..policy import OVERFLOW_CLOSE, Limits, Outbox
 from .hub import hub
@@ -363,10 +363,7 @@ class SocketTransport:
         """Add a piece of a message; return the message once it is complete."""
         data = event.data
         if not self._discarding:
-            if isinstance(data, str):
-                self._size += len(data) if data.isascii() else len(data.encode("utf-8"))
-            else:
-                self._size += len(data)
+            self._size += message_size(data)
             limit = self._limits.max_message_size
             if limit is not None and self._size > limit:
                 self._discarding = True

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Iterator
 
 import django
 import pytest
 
-from .servers import SERVERS, RunningServer, start_server
+from .servers import SERVERS, SRC, RunningServer, start_server
+
+sys.path.insert(0, str(SRC))  # the code beside these tests, whatever the virtualenv has installed
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.project.settings")
 django.setup()

@@ -22,6 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
+
+
+def python_path(*directories: Path) -> str:
+    """PYTHONPATH for a child process: this tree's ``src`` first, so tests run the code beside them."""
+    return os.pathsep.join(str(d) for d in (SRC, *directories))
 MAX_SECONDS = 900  # no server outlives this, whatever happens to the test run
 
 @dataclass(frozen=True)
@@ -172,7 +178,7 @@ def start_server(
     log = tempfile.NamedTemporaryFile(prefix=f"dws-{kind}-", suffix=".log", delete=False)
     full_env = {
         **os.environ,
-        "PYTHONPATH": str(proj.directory),
+        "PYTHONPATH": python_path(proj.directory),
         "PYTHONUNBUFFERED": "1",
         "DJANGO_SETTINGS_MODULE": proj.settings,
         "DWS_TEST_DB": str(Path(tempfile.gettempdir()) / f"dws-{port}.sqlite3"),

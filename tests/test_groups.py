@@ -15,7 +15,7 @@ import pytest
 from websockets.asyncio.client import connect as async_connect
 
 from .client import ws_connect
-from .servers import ROOT, WSGI_SERVERS, start_redis, start_server
+from .servers import ROOT, WSGI_SERVERS, python_path, start_redis, start_server
 from .test_servers import handshake_bytes
 
 
@@ -202,7 +202,7 @@ def test_broadcast_from_a_plain_python_process_and_the_management_command(redis_
         for client in clients:
             joined(client)
         wait_for(lambda: presence(first, "news")["size"] == 2, what="2 members")
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "DJANGO_SETTINGS_MODULE": "tests.project.settings",
+        env = {**os.environ, "PYTHONPATH": python_path(ROOT), "DJANGO_SETTINGS_MODULE": "tests.project.settings",
                "DWS_TEST_BROKER": redis_server.url}
         worker = "import django; django.setup(); import dwebsocket; dwebsocket.broadcast('news', 'from a worker')"
         subprocess.run([sys.executable, "-c", worker], env=env, check=True, timeout=60)

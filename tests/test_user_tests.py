@@ -6,11 +6,11 @@ import os
 import subprocess
 import sys
 
-from .servers import ROOT
+from .servers import ROOT, python_path
 
 
 def run_django_tests(args, cwd, settings):
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": settings, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": settings, "PYTHONPATH": python_path(ROOT)}
     return subprocess.run(
         [sys.executable, *args, "-v", "2"], cwd=cwd, env=env,
         capture_output=True, text=True, timeout=300,

@@ -81,9 +81,11 @@ class Connection:
     """One WebSocket connection: an inbound queue and a thread-safe ``send()``.
 
     Concurrency: ``_cond`` (one lock) owns ``_messages``, ``_state``,
-    ``_close_code``, ``_close_reason``, ``_transport``, ``_listeners`` and
-    ``_close_hooks``. The transport is the only producer of messages; any
-    thread may consume them or send. Listeners (how coroutines wait, see
+    ``_close_code``, ``_close_reason``, ``_transport``, ``_pump``,
+    ``_listeners`` and ``_close_hooks``. The transport is the only producer of
+    messages; any thread may consume them or send. A transport that can read
+    in the consumer's thread gives a *pump*: :meth:`wait` then reads there,
+    with ``_cond`` released, instead of waiting for another thread to deliver. Listeners (how coroutines wait, see
     :meth:`Link.listen`) are called with the lock held and must only schedule
     work, never block. Close hooks run once, after the lock is released.
     """
@@ -96,6 +98,7 @@ class Connection:
         self._close_code: int | None = None
         self._close_reason = ""
         self._transport: Transport | None = None
+        self._pump: Callable[[float | None], None] | None = None
         self._listeners: set[Callable[[], object]] = set()
         self._close_hooks: list[Callable[[Link], object]] = []
         #: A unique id for this connection, across every process of a deployment.
@@ -149,18 +152,34 @@ class Connection:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return None
-                self._cond.wait(remaining)
+                pump = self._pump
+                if pump is None:
+                    self._cond.wait(remaining)
+                    continue
+                self._cond.release()
+                try:
+                    pump(deadline)  # read the socket in this thread
+                finally:
+                    self._cond.acquire()
             return self._pop()
+
+    def _pump_now(self) -> None:
+        """Read what has arrived, without waiting, if the transport reads in this thread."""
+        pump = self._pump
+        if pump is not None and not self._messages and self._state in (OPEN, CLOSING):
+            pump(0.0)
 
     def read(self) -> Message | None:
         """Return the next received message at once, or ``None`` if there is none."""
         self._start()
+        self._pump_now()
         with self._cond:
             return self._pop()
 
     def count_messages(self) -> int:
         """The number of received messages waiting to be read."""
         self._start()
+        self._pump_now()
         with self._cond:
             return len(self._messages)
 
@@ -253,23 +272,38 @@ class Link:
         """The primary key of the connection's user, if known (for presence)."""
         return self._connection.user_id
 
-    def opened(self, transport: Transport) -> None:
-        """The handshake was answered: *transport* carries the connection from now on."""
+    def opened(self, transport: Transport, pump: Callable[[float | None], None] | None = None) -> None:
+        """The handshake was answered: *transport* carries the connection from now on.
+
+        *pump*, if given, reads from the client in the calling thread until a
+        message is delivered, the connection ends or the deadline (a
+        ``time.monotonic()`` value, or ``None``) passes; a view's ``wait()``
+        then calls it rather than waiting for another thread to deliver.
+        """
         c = self._connection
         with c._cond:
             c._transport = transport
+            c._pump = pump
             if c._state == CONNECTING:
                 c._state = OPEN
 
-    def deliver(self, message: Message) -> None:
-        """Queue a received message; blocks while the queue is full (backpressure)."""
+    def deliver(self, message: Message, timeout: float | None = None) -> bool:
+        """Queue a received message, waiting while the queue is full (backpressure).
+
+        ``False`` if the queue was still full after *timeout* seconds (nothing queued).
+        """
         c = self._connection
+        deadline = None if timeout is None else time.monotonic() + timeout
         with c._cond:
             while len(c._messages) >= c._limits.max_queue and c._state == OPEN:
-                c._cond.wait()
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                c._cond.wait(remaining)
             if c._state == OPEN:  # after close() new messages are dropped
                 c._messages.append(message)
                 c._changed()
+            return True
 
     def deliver_nowait(self, message: Message) -> bool:
         """Queue a received message unless the queue is full; ``False`` means wait and retry."""
@@ -281,6 +315,10 @@ class Link:
                 c._messages.append(message)
                 c._changed()
             return True
+
+    def queued(self) -> int:
+        """How many received messages wait for the view (read without the lock: a hint)."""
+        return len(self._connection._messages)
 
     def listen(self, listener: Callable[[], object]) -> Callable[[], None]:
         """Call *listener* on every change of the queue or state; returns the undo."""

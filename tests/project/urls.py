@@ -34,6 +34,8 @@ urlpatterns = [
     path("async-members/", views.async_members),
     path("middleware-raises/", views.middleware_raises),
     path("sleepy-echo/", views.sleepy_echo),
+    path("ignores/", views.ignores),
+    path("busy-echo/", views.busy_echo),
     path("late-accept/", views.late_accept),
     path("stalled-handshake/", views.stalled_handshake),
     path("client/", views.client_page),

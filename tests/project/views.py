@@ -272,6 +272,27 @@ def sleepy_echo(request):
 
 
 @require_websocket
+def ignores(request):
+    """Never reads: records whether it noticed that its client left (``connected``)."""
+    ws = request.websocket
+    deadline = time.monotonic() + float(request.GET.get("for", "15"))
+    while ws.connected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    _record(request, connected=ws.connected, close_code=ws.close_code, finished=True)
+
+
+@require_websocket
+def busy_echo(request):
+    """Busy elsewhere for ?busy= seconds (after one echo with ?first=read), then echoes."""
+    ws = request.websocket
+    if request.GET.get("first") == "read":  # read (and echo) one message before the busy spell
+        ws.send(ws.wait())
+    time.sleep(float(request.GET.get("busy", "1")))
+    for message in ws:
+        ws.send(message)
+
+
+@require_websocket
 def late_accept(request):
     """Accepts ?delay= seconds late: after a polling open may have given up waiting."""
     time.sleep(float(request.GET.get("delay", "0")))

@@ -1,8 +1,15 @@
-"""The process's one I/O thread for WSGI connections: keepalive clocks and queued writes.
+"""The process's one I/O thread for WSGI connections: reads, keepalive clocks and queued writes.
 
-Every connection's reader blocks in ``recv()`` in a thread of its own; what
-no connection's own thread can do is done here, for all of them, by one
-thread (a greenlet under gevent):
+A connection's view reads its own socket while it waits for a message (see
+``transport.py``); what no view's thread can do is done here, for every
+connection, by one thread (a greenlet under gevent):
+
+* **reads while no view waits**: each socket is in an ``epoll`` set with
+  ``EPOLLONESHOT``, armed while nobody reads it; when it fires the hub reads
+  what arrived without waiting and queues it for the view. The holder of a
+  connection's read lock re-arms it when it lets go. (gevent removes
+  ``epoll``; there each connection has a reader greenlet instead, and
+  :attr:`Hub.reads` is false);
 
 * **time**: every ``tick`` (a quarter of the shortest ping interval, ping
   timeout or close timeout, at most 1 s) it sends keepalive pings and ends
@@ -12,14 +19,16 @@ thread (a greenlet under gevent):
   take waits in the member's outbox, and the hub writes it as the socket
   becomes writable, so no broadcaster ever waits for a slow member.
 
-``_lock`` guards ``_transports``, ``_wanted`` and ``_thread``; the selector
-is touched by the hub's own thread only. The hub never waits for a
+``_lock`` guards ``_transports``, ``_readable``, ``_wanted``, ``_thread``
+and ``_epoll``'s lifetime; the selector is touched by the hub's own thread
+only, the ``epoll`` set (thread-safe in the kernel) by any thread. The hub never waits for a
 connection's lock: a busy connection is tried again a moment later.
 """
 
 from __future__ import annotations
 
 import logging
+import select
 import selectors
 import socket
 import threading
@@ -49,6 +58,14 @@ class HubClient(Protocol):
         """Write what the outbox holds without waiting: True when empty, False when
         the socket is full, None when the connection's lock is busy (try again)."""
 
+    def on_readable(self, hangup: bool) -> None:
+        """Read what arrived without waiting (*hangup*: the client shut its side)."""
+
+
+_ARMED = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT if hasattr(select, "EPOLLIN") else 0
+_HANGUP_ONLY = select.EPOLLRDHUP | select.EPOLLONESHOT if hasattr(select, "EPOLLIN") else 0
+_HUNG_UP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR if hasattr(select, "EPOLLIN") else 0
+
 
 class Hub:
     """The one thread that keeps time and drains outboxes for every WSGI connection."""
@@ -57,20 +74,56 @@ class Hub:
         self._lock = threading.Lock()
         self._transports: set[HubClient] = set()
         self._wanted: set[HubClient] = set()  # connections with queued writes
+        self._readable: dict[int, HubClient] = {}  # fd -> connection read by the hub
         self._thread: threading.Thread | None = None
+        self._epoll: select.epoll | None = None
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
 
-    def add(self, transport: HubClient) -> None:
-        """Keep time for *transport* until :meth:`remove`."""
+    @property
+    def reads(self) -> bool:
+        """Whether the hub can read for connections (it cannot under gevent: no ``epoll``)."""
+        return hasattr(select, "epoll")
+
+    def add(self, transport: HubClient, read: bool = False) -> None:
+        """Keep time for *transport* until :meth:`remove`; with *read*, read it while no view does."""
         with self._lock:
             self._transports.add(transport)
             self._start()
+            if read and self._epoll is not None:
+                fd = transport.fileno()
+                self._readable[fd] = transport
+                self._epoll.register(fd, _ARMED)
 
     def remove(self, transport: HubClient) -> None:
         with self._lock:
             self._transports.discard(transport)
             self._wanted.discard(transport)
+            for fd, found in list(self._readable.items()):
+                if found is transport:
+                    del self._readable[fd]
+                    if self._epoll is not None:
+                        try:
+                            self._epoll.unregister(fd)
+                        except OSError:  # the descriptor is closed already
+                            pass
+
+    def arm(self, transport: HubClient, hangup_only: bool = False) -> None:
+        """Wake for *transport*'s socket once (data, or with *hangup_only* only a hang-up)."""
+        self._modify(transport, _HANGUP_ONLY if hangup_only else _ARMED)
+
+    def disarm(self, transport: HubClient) -> None:
+        """A view's thread reads *transport* now: do not wake for it."""
+        self._modify(transport, 0)
+
+    def _modify(self, transport: HubClient, events: int) -> None:
+        epoll, fd = self._epoll, transport.fileno()
+        if epoll is None or fd < 0:
+            return
+        try:
+            epoll.modify(fd, events)
+        except (OSError, ValueError):  # forgotten meanwhile, or the hub stopped: nothing to arm
+            pass
 
     def want_write(self, transport: HubClient) -> None:
         """*transport* has queued writes: write them as its socket becomes writable."""
@@ -90,6 +143,7 @@ class Hub:
         if self._thread is None:
             self._wake_r, self._wake_w = socket.socketpair()
             self._wake_r.setblocking(False)
+            self._epoll = select.epoll() if self.reads else None
             self._thread = threading.Thread(target=self._run, name="dwebsocket-hub", daemon=True)
             self._thread.start()
 
@@ -98,6 +152,9 @@ class Hub:
         wake = self._wake_r
         assert wake is not None
         selector.register(wake, selectors.EVENT_READ)
+        epoll = self._epoll
+        if epoll is not None:
+            selector.register(epoll.fileno(), selectors.EVENT_READ)
         blocked: dict[int, HubClient] = {}  # socket full: waiting for the selector
         retry: set[HubClient] = set()  # lock busy: tried again after _RETRY
         next_tick = time.monotonic()
@@ -107,6 +164,8 @@ class Hub:
                     if not self._transports:
                         self._thread = None
                         self._wake_r = self._wake_w = None
+                        self._epoll = None
+                        self._readable.clear()
                         break
                     fresh, self._wanted = self._wanted, set()
                     tick = min(t.tick for t in self._transports)
@@ -125,7 +184,9 @@ class Hub:
                 if retry:
                     timeout = min(timeout, _RETRY)
                 for key, _events in selector.select(timeout):
-                    if key.fileobj is wake:
+                    if epoll is not None and key.fd == epoll.fileno():
+                        self._read(epoll)
+                    elif key.fileobj is wake:
                         try:
                             while wake.recv(4096):
                                 pass
@@ -138,7 +199,20 @@ class Hub:
         finally:
             selector.close()
             wake.close()
+            if epoll is not None:
+                epoll.close()
             # The writing end is closed by the garbage collector once nobody holds it.
+
+    def _read(self, epoll: select.epoll) -> None:
+        """Let every connection whose socket fired read what it has."""
+        for fd, events in epoll.poll(0):
+            transport = self._readable.get(fd)  # one dict lookup: atomic, no lock needed
+            if transport is None:
+                continue
+            try:
+                transport.on_readable(bool(events & _HUNG_UP))
+            except Exception:  # pragma: no cover - a bug in dwebsocket
+                logger.exception("dwebsocket: reading a WebSocket failed")
 
     def _try(
         self,

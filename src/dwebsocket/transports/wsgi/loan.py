@@ -138,7 +138,7 @@ class WsgiOpener:
             return None
         compressed = b"permessage-deflate" in answer.lower()
         transport = SocketTransport(sock, self._handshake.connection, link, compressed)
-        link.opened(transport)
+        link.opened(transport, transport.pump)
         transport.start()
         return transport
 

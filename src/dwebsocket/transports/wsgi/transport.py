@@ -5,14 +5,28 @@ checks, ping/pong, the closing handshake and permessage-deflate. This module
 only moves bytes between it and the socket, and adds what a server needs to
 stay alive: a message size limit, keepalive pings and a close timeout.
 
-Threads: one reader thread per connection receives, answers pings and closes
-*in the order frames arrive*; any thread may send. ``_lock`` guards the
-wsproto connection, every write to the socket and the head of the outbox, so
-frames never interleave. A view's ``send()`` writes and waits for the socket,
-as a blocking write does. A broadcast never waits: it is written straight to
-the socket when the socket takes it at once, and otherwise queued in the
-outbox, which the process's hub (``hub.py``) writes out as the socket becomes
-writable. The hub also keeps every connection's keepalive clock.
+Reading. A connection costs one thread, the view's. While the view waits
+for a message (``wait()``, ``read()``) it reads its own socket, in its own
+thread: a message goes from the socket to the view with no thread between.
+While the view does anything else, the process's hub (``hub.py``) reads for
+it, so pings are answered and a close is noticed all the same, and queues
+what arrives. Whoever reads holds ``_read_lock``, which owns the parser's
+input side (the message being assembled, what is parsed but found no room in
+the view's queue, the end); the hub only ever *tries* it. Once a view reads,
+the hub's interest in the socket stays off (no system call per message)
+until the view has not read for ``_HAND_BACK`` seconds, which the hub notices
+on its next tick; a view whose queue is full hands the socket back at once. Where the hub
+cannot read for us (gevent, which has no ``epoll`` to share), a reader
+greenlet per connection reads instead, as a thread of its own would.
+
+Writing. ``_lock`` guards the wsproto connection, every write to the socket
+and the head of the outbox, so frames never interleave; any thread may send.
+A view's ``send()`` writes and waits for the socket, as a blocking write
+does. A broadcast never waits: it is written straight to the socket when the
+socket takes it at once, and otherwise queued in the outbox, which the hub
+writes out as the socket becomes writable. The hub also keeps every
+connection's keepalive clock. Lock order: ``_read_lock`` before ``_lock``.
+
 The socket itself belongs to the server: this module shuts it down when the
 connection ends and never closes its file descriptor (the server does, once).
 """
@@ -21,9 +35,12 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import socket
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 
 import wsproto
 from wsproto.connection import ConnectionState
@@ -40,6 +57,9 @@ __all__ = ["SocketTransport"]
 logger = logging.getLogger("dwebsocket")
 
 _RECV_SIZE = 65536
+_LEFT_CHECK = 0.5  # seconds between two looks at a client, while its view's queue is full
+_HAND_BACK = 0.05  # seconds without a read before the view's socket goes back to the hub
+_TCP_ESTABLISHED = 1  # tcpi_state in Linux's struct tcp_info
 
 
 class SocketTransport:
@@ -65,21 +85,33 @@ class SocketTransport:
         self._lock = threading.Lock()
         self._protocol = protocol
         self._close_sent_at: float | None = None
-        # Owned by the reader thread.
+        # Whether the view's thread and the hub read (epoll shared with the
+        # hub), or a reader of the connection's own (gevent).
+        self._on_demand = hub.reads
+        # Guarded by _read_lock (see the module's docstring): the message being
+        # assembled, parsed messages the view's queue had no room for, the end.
+        self._read_lock = threading.Lock()
         self._parts: list[str] | list[bytes] = []
         self._size = 0
         self._discarding = False
-        # Written by the reader, read by the hub (plain floats and a
-        # flag: a stale read only delays a ping or an expiry by one tick).
+        self._pending: deque[MessageData] = deque()
+        self._ended: tuple[int, str] | None = None
+        # Whether the view's thread is the reader: the hub's interest in the
+        # socket is off until the view stops reading for a tick (see check_clock).
+        self._view_reads = False
+        self._pumped_at = 0.0
+        self._poller: select.poll | None = None
+        # Written by readers, read by the hub (plain floats and a flag: a
+        # stale read only delays a ping or an expiry by one tick).
         self._last_seen = time.monotonic()
         self._ping_sent_at: float | None = None
-        self._delivering = False  # the reader waits for room in the view's queue
+        self._delivering = False  # a reader waits for room in the view's queue
         # Set once by the hub, before it shuts the socket down.
         self._expired: tuple[int, str] | None = None
         self.tick = _tick(limits)
         self._shutdown_lock = threading.Lock()
         self._is_shut_down = False
-        self._reader = threading.Thread(
+        self._reader = None if self._on_demand else threading.Thread(
             target=self._read_loop, name="dwebsocket-reader", daemon=True
         )
         # What the socket did not take at once: broadcasts (Frame) and the rest
@@ -89,8 +121,14 @@ class SocketTransport:
 
     def start(self) -> None:
         """Start reading frames (and keeping time, and writing what waits)."""
-        hub.add(self)
-        self._reader.start()
+        hub.add(self, read=self._on_demand)
+        if self._reader is not None:
+            self._reader.start()
+
+    @property
+    def pump(self) -> Callable[[float | None], None] | None:
+        """How a view's thread reads for itself (see :meth:`_pump`); ``None`` if it cannot."""
+        return self._pump if self._on_demand else None
 
     # -- called from any thread ----------------------------------------------
 
@@ -227,9 +265,18 @@ class SocketTransport:
     def finish(self) -> None:
         """End the connection after the view returned: close, wait, shut down."""
         self.close(1000, "")
-        self._reader.join(self._limits.close_timeout)
+        deadline = time.monotonic() + self._limits.close_timeout
+        if self._reader is not None:
+            self._reader.join(self._limits.close_timeout)
+            self._shutdown()
+            self._reader.join()
+            return
+        while self._ended is None and time.monotonic() < deadline:
+            self._pump(deadline)  # the client's answer to the close frame
         self._shutdown()
-        self._reader.join()
+        with self._read_lock:
+            if self._ended is None:
+                self._end(1006, "")
 
     # -- internals -----------------------------------------------------------
 
@@ -260,11 +307,15 @@ class SocketTransport:
         if self._outbox.overflowed():
             self._cut()
             return
+        if self._pending:  # the view's queue was full: see whether it has room now
+            self.on_readable(False)
+        elif self._view_reads:
+            self._hand_back(now)
         if self._close_sent_at is not None and now - self._close_sent_at >= limits.close_timeout:
             self._expire(1006, "no answer to the close frame")
             return
         interval, timeout = limits.ping_interval, limits.ping_timeout
-        if interval is None or self._delivering:
+        if interval is None or self._delivering or self._pending:
             return  # a reader waiting on the view is not a sign of a dead client
         sent = self._ping_sent_at
         if sent is not None:
@@ -294,7 +345,134 @@ class SocketTransport:
         self._shutdown()
         self._link.closed_with(*self._expired)
 
+    # -- reading -------------------------------------------------------------
+
+    def _pump(self, deadline: float | None) -> None:
+        """From the view's thread: read here until a message is queued, the end, or *deadline*.
+
+        A *deadline* (``time.monotonic()``) already past reads only what has
+        arrived. If the hub is reading at this moment, this waits for it (a
+        non-blocking read of one buffer), then reads on.
+        """
+        if deadline is None:
+            self._read_lock.acquire()
+        elif not self._read_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            return
+        try:
+            if self._ended is not None or self._link.queued():
+                return  # the hub delivered while this thread waited for the lock
+            if not self._view_reads:  # this thread reads now: the hub need not wake for it
+                self._view_reads = True
+                hub.disarm(self)
+            if self._pending and self._queue_pending():
+                return
+            while self._ended is None:
+                data = self._recv(deadline)
+                if data is None:
+                    return
+                if self._take(data):
+                    return
+        except Exception:  # pragma: no cover - a bug in dwebsocket, not in the peer
+            logger.exception("dwebsocket: reading the WebSocket failed")
+            self._end(1011, "")
+        finally:
+            # The view keeps reading (no syscall to re-arm the hub each message),
+            # unless its queue is full: then the hub watches for a hang-up.
+            stalled = self._ended is None and bool(self._pending)
+            if stalled:
+                self._view_reads = False
+            self._pumped_at = time.monotonic()
+            self._read_lock.release()
+        if stalled:
+            hub.arm(self, hangup_only=True)
+
+    def _hand_back(self, now: float) -> None:
+        """From the hub: a view that has not read for a while gives the socket back to the hub."""
+        if now - self._pumped_at < _HAND_BACK or not self._read_lock.acquire(blocking=False):
+            return  # reading right now, or just did
+        try:
+            handed = self._view_reads and self._ended is None
+            self._view_reads = False
+        finally:
+            self._read_lock.release()
+        if handed:
+            hub.arm(self)
+
+    def on_readable(self, hangup: bool) -> None:
+        """From the hub: the socket has data (or the client hung up) while no view reads."""
+        if not self._read_lock.acquire(blocking=False):
+            return  # a view's thread reads: the hub gets the socket back when it stops
+        try:
+            if self._ended is not None or self._view_reads:
+                return
+            if self._pending and not self._queue_pending():
+                if hangup:  # the view is behind and its client left: let it go
+                    self._end(1006, "")
+                return
+            data = self._recv(0.0)
+            if data is not None:
+                self._take(data)
+        except Exception:  # pragma: no cover - a bug in dwebsocket, not in the peer
+            logger.exception("dwebsocket: reading the WebSocket failed")
+            self._end(1011, "")
+        finally:
+            rearm = self._ended is None and not self._view_reads
+            stalled = bool(self._pending)
+            self._read_lock.release()
+        if rearm:
+            hub.arm(self, hangup_only=stalled)
+
+    def _recv(self, deadline: float | None) -> bytes | None:
+        """What the socket has: ``b""`` once the client is gone, ``None`` if *deadline* passed first."""
+        try:
+            if deadline is None:
+                return self._sock.recv(_RECV_SIZE)
+            remaining = deadline - time.monotonic()
+            if remaining > 0:
+                if self._poller is None:
+                    self._poller = select.poll()
+                    self._poller.register(self._fd, select.POLLIN)
+                if not self._poller.poll(remaining * 1000):
+                    return None
+            return self._sock.recv(_RECV_SIZE, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            return b""
+
+    def _take(self, data: bytes) -> bool:
+        """Parse *data* and queue what it completes; hold ``_read_lock``. Whether anything came of it."""
+        self._last_seen = time.monotonic()
+        self._ping_sent_at = None
+        messages, ended = self._receive(data or None)
+        for message in messages:
+            if self._pending or not self._link.deliver_nowait(message):
+                self._pending.append(message)  # the view's queue is full: stop reading
+        if ended is not None:
+            self._end(*ended)
+        return bool(messages) or ended is not None
+
+    def _queue_pending(self) -> bool:
+        """Move parsed messages into the view's queue while it has room; whether all went."""
+        while self._pending:
+            if not self._link.deliver_nowait(self._pending[0]):
+                return False
+            self._pending.popleft()
+        return True
+
+    def _end(self, code: int, reason: str) -> None:
+        """The connection is over: let the hub forget it, shut the socket, report. Hold ``_read_lock``."""
+        if self._ended is not None:
+            return
+        self._ended = code, reason
+        hub.remove(self)
+        self._shutdown()
+        if self._expired is not None:
+            code, reason = self._expired
+        self._link.closed_with(code, reason)
+
     def _read_loop(self) -> None:
+        """The reader of a connection the hub cannot read for (gevent): blocks in ``recv()``."""
         code, reason = 1006, ""
         try:
             while True:
@@ -305,7 +483,9 @@ class SocketTransport:
                 if messages:
                     self._delivering = True
                     for message in messages:
-                        self._link.deliver(message)
+                        while not self._link.deliver(message, timeout=_LEFT_CHECK):
+                            if _peer_left(self._sock):  # the view is behind and its client left
+                                raise ConnectionResetError
                     self._delivering = False
                     self._last_seen = time.monotonic()
                 if ended is not None:
@@ -317,11 +497,8 @@ class SocketTransport:
             logger.exception("dwebsocket: the WebSocket reader failed")
             code, reason = 1011, ""
         finally:
-            hub.remove(self)
-            self._shutdown()
-            if self._expired is not None:
-                code, reason = self._expired
-            self._link.closed_with(code, reason)
+            with self._read_lock:
+                self._end(code, reason)
 
     def _receive(self, data: bytes | None) -> tuple[list[MessageData], tuple[int, str] | None]:
         """Feed *data* to wsproto and act on what it parsed, in order."""
@@ -329,6 +506,8 @@ class SocketTransport:
         ended: tuple[int, str] | None = None
         with self._lock:
             protocol = self._protocol
+            if protocol.state is ConnectionState.CLOSED:
+                return messages, (1006, "")  # bytes after the closing handshake: nothing to read
             protocol.receive_data(data)
             out = bytearray()
             for event in protocol.events():
@@ -378,6 +557,15 @@ class SocketTransport:
         if isinstance(data, str):
             return "".join(parts)  # type: ignore[arg-type]
         return b"".join(parts)  # type: ignore[arg-type]
+
+
+def _peer_left(sock: socket.socket) -> bool:
+    """Whether the client ended the TCP connection, even with data we have not read yet."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)
+    except (OSError, AttributeError):  # not TCP, or no TCP_INFO here
+        return False
+    return bool(info) and info[0] != _TCP_ESTABLISHED
 
 
 def _tick(limits: Limits) -> float:

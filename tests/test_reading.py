@@ -1,0 +1,92 @@
+"""Who reads a connection's socket: the view while it waits, someone else while it does not.
+
+Under a WSGI server a connection costs one thread, the view's: the view reads
+its own socket while it waits for a message, and the process's hub reads for
+it while it is busy elsewhere, so pings are answered and a client that leaves
+is noticed whatever the view does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+import uuid
+
+import pytest
+
+from .client import result, ws_connect
+from .servers import start_server
+
+
+def threads_of_tree(root_pid: int) -> int:
+    """Threads of *root_pid* and of every process below it."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    total, todo = 0, [root_pid]
+    while todo:
+        pid = todo.pop()
+        try:
+            total += len(os.listdir(f"/proc/{pid}/task"))
+        except OSError:
+            continue
+        todo.extend(children.get(pid, []))
+    return total
+
+
+@pytest.mark.parametrize("kind", ["runserver", "gthread"])
+def test_a_connection_costs_one_thread(kind):
+    with start_server(kind) as server, contextlib.ExitStack() as stack:
+        def open_echoes(count):
+            clients = [stack.enter_context(ws_connect(server, "/echo/")) for _ in range(count)]
+            for n, ws in enumerate(clients):
+                ws.send(f"m{n}")
+                assert ws.recv(timeout=10) == f"m{n}"
+            time.sleep(0.3)  # let any thread a connection starts show up
+            return threads_of_tree(server.process.pid)
+
+        before = open_echoes(2)
+        after = open_echoes(20)
+        # Each connection: its view's thread, nothing else (a reader thread would make it 40).
+        assert after - before <= 22, (before, after)
+
+
+@pytest.mark.parametrize("first", ["", "read"])
+def test_a_busy_view_still_answers_pings_and_gets_every_message(server, first):
+    # With first=read the view has read its socket itself before it turns busy:
+    # the hub must take the socket back (within a tick, at most a second).
+    with ws_connect(server, f"/busy-echo/?busy=3&first={first}") as ws:
+        if first:
+            ws.send("first")
+            assert ws.recv(timeout=5) == "first"
+        for payload in (b"a", b"b"):
+            assert ws.ping(payload).wait(2)  # answered while the view sleeps
+        for n in range(100):
+            ws.send(f"m{n}")
+        assert [ws.recv(timeout=10) for _ in range(100)] == [f"m{n}" for n in range(100)]
+
+
+@pytest.mark.parametrize("kind", ["runserver", "gthread", "gevent"])
+def test_a_client_that_leaves_while_its_view_is_behind_is_noticed(kind):
+    # The view reads nothing; the client fills its queue (64 in the tests'
+    # settings) and more, then vanishes without a close frame.
+    key = uuid.uuid4().hex
+    with start_server(kind) as server:
+        with ws_connect(server, f"/ignores/?id={key}&for=15") as ws:
+            for n in range(300):
+                ws.send(f"message {n}")
+            time.sleep(0.5)
+            ws.socket.shutdown(socket.SHUT_RDWR)
+        started = time.monotonic()
+        seen = result(server, key)
+        assert seen["connected"] is False, seen
+        assert seen["close_code"] == 1006
+        assert time.monotonic() - started < 10

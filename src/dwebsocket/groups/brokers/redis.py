@@ -47,17 +47,38 @@ def _presence_key(group: str) -> str:
 
 
 def encode(message: Message, exclude: str | None) -> bytes:
-    """One broadcast on the wire: kind, excluded id, payload."""
+    """One broadcast on the wire: kind, the excluded id (length first), payload.
+
+    ``t`` or ``b`` (text or binary), then the excluded connection id as
+    ``<length>:<UTF-8 bytes>`` (``0:`` for none), then the message. Every
+    field is either fixed or counted, so no value, whatever bytes it holds,
+    can move where another field starts.
+    """
     kind = b"t" if isinstance(message, str) else b"b"
     payload = message.encode("utf-8") if isinstance(message, str) else message
-    return kind + (exclude or "").encode("ascii") + b"\n" + payload
+    excluded = (exclude or "").encode("utf-8")
+    return kind + b"%d:" % len(excluded) + excluded + payload
 
 
 def decode(data: bytes) -> tuple[Message, str | None]:
-    kind, rest = data[:1], data[1:]
-    exclude, _, payload = rest.partition(b"\n")
+    """The message and excluded id of :func:`encode`; ``ValueError`` if *data* is not one."""
+    kind = data[:1]
+    if kind not in (b"t", b"b"):
+        raise ValueError(f"unknown kind {kind!r}")
+    length, colon, rest = data[1:_MAX_LENGTH_DIGITS + 2].partition(b":")
+    if not colon or not length.isdigit():
+        raise ValueError("no length of the excluded id")
+    start = 1 + len(length) + 1
+    end = start + int(length)
+    if end > len(data):
+        raise ValueError("the excluded id is cut short")
+    exclude = data[start:end].decode("utf-8")
+    payload = data[end:]
     message: Message = payload.decode("utf-8") if kind == b"t" else payload
-    return message, exclude.decode("ascii") or None
+    return message, exclude or None
+
+
+_MAX_LENGTH_DIGITS = 10  # digits of the excluded id's length, at most
 
 
 class RedisBroker:
@@ -177,7 +198,7 @@ class RedisBroker:
         with self._lock:
             was_healthy, self._healthy = self._healthy, False
             self._applied.notify_all()  # nobody waits for an unreachable Redis
-        if was_healthy:
+        if was_healthy and not self._stopped:
             logger.warning(
                 "dwebsocket: lost Redis at WEBSOCKET_BROKER = %r (%s); broadcasts reach this "
                 "process's members only until it is back. Reconnecting.",
@@ -200,6 +221,10 @@ class RedisBroker:
                 self._serve(pubsub)
             except (redis.RedisError, OSError) as exc:
                 self._outage(exc)
+                time.sleep(backoff * (1 + random.random()))
+                backoff = min(backoff * 2, 5.0)
+            except Exception:  # a bug: logged, and the listener goes on
+                logger.exception("dwebsocket: error in the Redis listener; reconnecting")
                 time.sleep(backoff * (1 + random.random()))
                 backoff = min(backoff * 2, 5.0)
             else:
@@ -238,10 +263,21 @@ class RedisBroker:
             message = pubsub.get_message(timeout=0.2)
             while message is not None:
                 if message.get("type") == "message":
-                    group = message["channel"].decode()[len(_PREFIX) + len("group:"):]
-                    data, exclude = decode(message["data"])
-                    self._registry.deliver(group, data, exclude)
+                    self._received(message["channel"], message["data"])
                 message = pubsub.get_message(timeout=0)
+
+    def _received(self, channel: bytes, data: bytes) -> None:
+        """Deliver one pub/sub message to this process's members; nothing in it can raise."""
+        try:
+            group = channel.decode("utf-8")[len(_PREFIX) + len("group:"):]
+            message, exclude = decode(data)
+        except ValueError as exc:  # UnicodeDecodeError included
+            logger.warning("dwebsocket: skipped a malformed broadcast on %r: %s", channel, exc)
+            return
+        try:
+            self._registry.deliver(group, message, exclude)
+        except Exception:
+            logger.exception("dwebsocket: error delivering a broadcast to group %r", group)
 
     def _write_presence(self, refresh: bool) -> None:
         """Write joins and leaves in order; with *refresh*, every local member's expiry again."""

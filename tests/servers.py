@@ -245,9 +245,21 @@ class RedisServer:
             time.sleep(0.05)
 
     def stop(self) -> None:
+        """Kill redis-server at once (SIGKILL): an outage; :meth:`start` brings it back empty."""
         if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGCONT)  # a paused one too
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+
+    def pause(self) -> None:
+        """Freeze redis-server (SIGSTOP): a hung Redis, which accepts connections and never answers."""
+        assert self.process is not None and self.process.poll() is None
+        os.killpg(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Let a paused redis-server go on (SIGCONT), with its data and connections."""
+        assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGCONT)
 
 
 @contextmanager

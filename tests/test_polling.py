@@ -300,3 +300,37 @@ def test_an_idle_poll_through_redis_outlasts_the_clients_default_socket_timeout(
             assert client.receive(1) == ["still there"]
             client.close()
             assert "Traceback" not in running.log_text()
+
+
+def test_a_session_whose_owner_died_answers_404_within_seconds():
+    """The owner (the process running the view) is killed: its sessions end for the clients too."""
+    import os
+    import signal
+
+    with start_redis() as redis_server:
+        env = {"DWS_TEST_BROKER": redis_server.url, "DWS_TEST_POLL_TIMEOUT": "1"}
+        with start_server("gthread", env=env) as owner, start_server("uvicorn", env=env) as other:
+            client = PollClient(owner, f"/echo/?id={uuid.uuid4().hex}")
+            assert client.open()[0] == 200
+            client.server = other  # any process serves the session
+            assert client.send("hello") == 204
+            assert client.receive(1) == ["hello"]
+            os.killpg(owner.process.pid, signal.SIGKILL)
+            owner.process.wait()
+            killed = time.monotonic()
+            statuses = []
+            while time.monotonic() - killed < 20:
+                status = client.call("POST", "send", {"messages": [{"text": "lost?"}]})[0]
+                statuses.append(status)
+                if status == 404:
+                    break
+                assert status == 204
+                poll = client.call("GET", "poll")[0]
+                if poll == 404:
+                    break
+                assert poll == 200
+            took = time.monotonic() - killed
+            # It used to poll a dead session for an hour, its sends answered 204 and lost.
+            assert took < 15, f"still served {took:.0f} s after its owner died: {statuses}"
+            assert client.call("GET", "poll")[0] == 404
+            assert client.send("after") == 404

@@ -26,8 +26,15 @@ __all__ = ["PREFIX", "aclient", "blocking_client", "client"]
 #: The start of every key and channel name dwebsocket uses in Redis.
 PREFIX = "dwebsocket:"
 
-#: Seconds a quick command (PUBLISH, a pipeline of presence writes) may take.
+#: Seconds a quick command may take by default: presence writes (in the
+#: broker's background thread) and long-polling's commands.
 COMMAND_TIMEOUT = 5.0
+#: Seconds a broadcast's PUBLISH may take: the caller waits for it, so a hung
+#: Redis must not hold it long (then the broker's breaker opens).
+PUBLISH_TIMEOUT = 1.0
+#: Seconds a presence read (group_size, group_members) or the broker's probe
+#: of a Redis it lost may take.
+PRESENCE_TIMEOUT = 1.0
 #: Seconds to wait for a connection to Redis.
 CONNECT_TIMEOUT = 2.0
 #: Connections a process may hold per pool; a long poll holds one while it waits.
@@ -41,11 +48,16 @@ _async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[
 )
 
 
-def client(url: str) -> redis.Redis:
-    """The process's client for quick commands on the Redis at *url*."""
-    return _get(("quick", url), lambda: redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
-        url, max_connections=_POOL_SIZE, timeout=COMMAND_TIMEOUT,
-        socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=COMMAND_TIMEOUT,
+def client(url: str, timeout: float = COMMAND_TIMEOUT) -> redis.Redis:
+    """The process's client for quick commands on the Redis at *url*, each taking at most *timeout* seconds.
+
+    One pool per (URL, timeout): :data:`PUBLISH_TIMEOUT`,
+    :data:`PRESENCE_TIMEOUT` or :data:`COMMAND_TIMEOUT`. The timeout bounds
+    connecting and each answer, and waiting for a free connection.
+    """
+    return _get(("quick", url, timeout), lambda: redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
+        url, max_connections=_POOL_SIZE, timeout=timeout,
+        socket_connect_timeout=min(CONNECT_TIMEOUT, timeout), socket_timeout=timeout,
     )))
 
 

@@ -23,6 +23,7 @@ def test_a_closed_connection_joins_no_group():
 def test_redis_wire_format_round_trips():
     from dwebsocket.groups.brokers.redis import decode, encode
 
-    for message, exclude in (("héllo", None), (b"\x00\n\xff", "abc123"), ("", "x")):
-        assert decode(encode(message, exclude)) == (message, exclude)
+    for message, exclude in (("héllo", None), (b"\x00\n\xff", "abc123"), ("", "x"), ("a", "x\n1:y")):
+        assert decode(encode(message, exclude)) == (message, exclude, "", False, 0)
+        assert decode(encode(message, exclude, "origin\n", True, 7)) == (message, exclude, "origin\n", True, 7)
 

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+import redis
 
 from dwebsocket.connection import Connection
 from dwebsocket.messages import Frame
@@ -538,3 +539,48 @@ def test_a_session_opened_from_a_coroutine_is_found(store):
     binding, batch = within(10, asyncio.run, main())
     assert binding == "cookie-c"
     assert batch == {"messages": [item("hello")], "close": None}
+
+
+# -- a session's lifetime in Redis ----------------------------------------------------------
+
+
+def test_a_live_redis_session_is_kept_past_its_keys_first_expiry():
+    # The session's hash used to get a one-hour TTL at open, never refreshed:
+    # a healthy session was cut at exactly one hour. Here it is 4 s from that
+    # end; the owner's heartbeat (every 3 s) must keep it. (A store of its own,
+    # on the real clock: the shared one's listener has seen other tests' clocks.)
+    with start_redis() as server:
+        store = RedisStore(server.url)
+        view = RecordingView()
+        outbound = store.open(view, Limits())
+        raw = redis.Redis.from_url(server.url)
+        base = f"dwebsocket:poll:{view.sid}"
+        raw.expire(base, 4)
+        _time.sleep(6)
+        assert store.find(view.sid) is not None
+        assert raw.ttl(base) > 4
+        outbound.close(1000, "")
+
+
+def test_the_polling_listener_logs_one_line_per_redis_outage(clock):
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("dwebsocket")
+    logger.addHandler(handler)
+    try:
+        with start_redis() as server:
+            store = RedisStore(server.url)
+            view = RecordingView()
+            store.open(view, Limits())  # starts the listener
+            server.stop()
+            _time.sleep(3.5)  # it retries every second
+            assert sum("polling sessions lost Redis" in line for line in lines) == 1
+            server.start()
+            wait_until(lambda: any("polling sessions: Redis is back" in line for line in lines), timeout=10,
+                       what="the listener to log that Redis is back")
+            _time.sleep(1.5)
+            assert sum("polling sessions lost Redis" in line for line in lines) == 1
+            assert sum("Redis is back" in line for line in lines) == 1
+    finally:
+        logger.removeHandler(handler)

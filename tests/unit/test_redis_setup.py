@@ -17,6 +17,12 @@ def test_quick_commands_have_a_timeout_and_blocking_ones_outlast_their_wait():
     blocking = _redis.blocking_client(URL, 25.0).connection_pool.connection_kwargs
     assert blocking["socket_timeout"] > 25.0  # a 25 s BLPOP is not cut by the socket
     assert _redis.client(URL) is _redis.client(URL)  # one per process
+    # What a caller waits for is short: a hung Redis holds a broadcast or a
+    # group_size() for this long at most (then the broker's breaker opens).
+    for timeout in (_redis.PUBLISH_TIMEOUT, _redis.PRESENCE_TIMEOUT):
+        kwargs = _redis.client(URL, timeout).connection_pool.connection_kwargs
+        assert kwargs["socket_timeout"] == timeout <= 1.0
+        assert kwargs["socket_connect_timeout"] <= timeout
 
 
 def test_each_event_loop_gets_its_own_asyncio_client_and_it_goes_with_the_loop():

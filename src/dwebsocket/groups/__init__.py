@@ -75,7 +75,10 @@ def broadcast(group: str, message: Message, exclude: object = None) -> None:
 
     *exclude* is a connection (or its ``id``) that should not get it, usually
     the sender. Callable from anywhere, sync or async code alike: it never
-    waits for the members.
+    waits for the members. With a Redis broker it waits at most
+    ``_redis.PUBLISH_TIMEOUT`` (1 s) for Redis, and not at all while Redis is
+    failing: then only this process's members get it, and it does not raise
+    (docs/reliability.md).
     """
     get_broker().publish(group, check_message(message), _exclude_id(exclude))
 

@@ -28,8 +28,12 @@ class Broker(Protocol):
     def flush(self, timeout: float) -> None:
         """Wait (at most *timeout* seconds) until earlier joins and leaves took effect."""
 
-    def publish(self, group: str, message: Message, exclude: str | None) -> None:
-        """Deliver *message* to *group* in every process (this one included)."""
+    def publish(self, group: str, message: Message, exclude: str | None) -> bool:
+        """Deliver *message* to *group* in every process (this one included).
+
+        ``False`` if it reached this process's members only (Redis failed, or
+        its breaker is open); it never raises for that.
+        """
 
     def subscribe(self, group: str) -> None:
         """This process has members in *group* now."""

@@ -20,8 +20,9 @@ class MemoryBroker:
     def flush(self, timeout: float) -> None:
         pass
 
-    def publish(self, group: str, message: Message, exclude: str | None) -> None:
+    def publish(self, group: str, message: Message, exclude: str | None) -> bool:
         self._registry.deliver(group, message, exclude)
+        return True
 
     def subscribe(self, group: str) -> None:
         pass

@@ -3,25 +3,38 @@
 Broadcasts go through Redis pub/sub, one channel per group; each process
 subscribes only to the groups it has members in, and delivers what it receives
 to its own members. Pub/sub is at-most-once: a broadcast published while a
-process is cut off from Redis never reaches that process's members.
+process is cut off from Redis never reaches that process's members. A process
+always delivers its own broadcasts to its own members, exactly once: through
+Redis when its listener is subscribed, else itself (see :class:`RedisBroker`).
 
 Presence lives in one sorted set per group (member -> expiry time), refreshed
 by every process every ``_REFRESH`` seconds, so the members of a process that
 died drop out after ``_TTL`` seconds.
 
+Faults (docs/reliability.md): every call has a timeout
+(:data:`~dwebsocket._redis.PUBLISH_TIMEOUT`,
+:data:`~dwebsocket._redis.PRESENCE_TIMEOUT`); the first that fails opens a
+breaker, and until Redis answers the listener's probe again nobody calls it.
+No payload on a channel can end the listener: a malformed one is logged and
+skipped.
+
 Threads: one listener thread owns the pub/sub connection: it subscribes,
-receives, writes presence and reconnects with backoff. Other threads publish
-and read presence through redis-py's connection pool, and hand subscription
-and presence changes to the listener under ``_lock``.
+receives, writes presence, reconnects with backoff and probes Redis. Other
+threads publish and read presence through redis-py's connection pools, and
+hand subscription and presence changes to the listener under ``_lock``.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
 import threading
 import time
+import uuid
+from typing import Any, NamedTuple
+
 import redis
 
 from ... import _redis
@@ -29,13 +42,14 @@ from ...connection import Link
 from ...messages import Message
 from ..registry import Member, Registry
 
-__all__ = ["RedisBroker", "decode", "encode"]
+__all__ = ["Broadcast", "RedisBroker", "decode", "encode"]
 
 logger = logging.getLogger("dwebsocket")
 
 _PREFIX = _redis.PREFIX
 _TTL = 30.0  # seconds a member counts without a refresh
 _REFRESH = 10.0
+_SKIP_FOR = 60.0  # seconds a broadcast whose PUBLISH failed may still come back from Redis
 
 
 def _channel(group: str) -> str:
@@ -46,46 +60,153 @@ def _presence_key(group: str) -> str:
     return f"{_PREFIX}presence:{group}"
 
 
-def encode(message: Message, exclude: str | None) -> bytes:
-    """One broadcast on the wire: kind, excluded id, payload."""
+class Broadcast(NamedTuple):
+    """One broadcast as it travels through Redis."""
+
+    message: Message
+    exclude: str | None  # the id of the connection that must not get it
+    origin: str  # the broker (process) that published it
+    delivered: bool  # the origin already delivered it to its own members
+    number: int = 0  # the origin's count of its broadcasts
+
+
+def encode(
+    message: Message, exclude: str | None, origin: str = "", delivered: bool = False, number: int = 0
+) -> bytes:
+    """One broadcast on the wire: ``<kind><flag><origin><number><exclude><payload>``.
+
+    *kind* is ``t`` or ``b`` (text or binary); *flag* ``L`` when the origin
+    delivered it to its own members (its listener then skips it), else ``-``;
+    the origin's id, its number for the broadcast and the excluded connection
+    id are each counted, ``<length>:<UTF-8 bytes>`` (``0:`` for none); the
+    message is the rest. Every field is fixed or counted, so no value,
+    whatever bytes it holds, can move where another field starts.
+    """
     kind = b"t" if isinstance(message, str) else b"b"
     payload = message.encode("utf-8") if isinstance(message, str) else message
-    return kind + (exclude or "").encode("ascii") + b"\n" + payload
+    return (
+        kind + (b"L" if delivered else b"-") + _counted(origin) + _counted(str(number))
+        + _counted(exclude or "") + payload
+    )
 
 
-def decode(data: bytes) -> tuple[Message, str | None]:
-    kind, rest = data[:1], data[1:]
-    exclude, _, payload = rest.partition(b"\n")
+def decode(data: bytes) -> Broadcast:
+    """The broadcast :func:`encode` made; ``ValueError`` if *data* is not one."""
+    kind, flag = data[:1], data[1:2]
+    if kind not in (b"t", b"b") or flag not in (b"L", b"-"):
+        raise ValueError(f"not a broadcast: it starts with {data[:2]!r}")
+    origin, position = _uncount(data, 2)
+    number, position = _uncount(data, position)
+    exclude, position = _uncount(data, position)
+    if not number.isdigit():
+        raise ValueError(f"not a broadcast number: {number!r}")
+    payload = data[position:]
     message: Message = payload.decode("utf-8") if kind == b"t" else payload
-    return message, exclude.decode("ascii") or None
+    return Broadcast(message, exclude or None, origin, flag == b"L", int(number))
+
+
+def _counted(value: str) -> bytes:
+    data = value.encode("utf-8")
+    return b"%d:" % len(data) + data
+
+
+def _uncount(data: bytes, position: int) -> tuple[str, int]:
+    """The counted string at *position* in *data*, and the position after it."""
+    length, colon, _ = data[position:position + _MAX_LENGTH_DIGITS + 1].partition(b":")
+    if not colon or not length.isdigit():
+        raise ValueError(f"no field length at byte {position}")
+    start = position + len(length) + 1
+    end = start + int(length)
+    if end > len(data):
+        raise ValueError(f"a field at byte {position} is cut short")
+    return data[start:end].decode("utf-8"), end
+
+
+_MAX_LENGTH_DIGITS = 10  # digits of a field's length, at most
+
+
+class _Backoff:
+    """Waits between reconnection attempts: 0.1 s doubling up to 5 s, never more.
+
+    Each wait is drawn between half and all of the current step (jitter, so
+    that the processes of a deployment do not all reconnect at once).
+    """
+
+    FIRST = 0.1
+    LAST = 5.0
+
+    def __init__(self) -> None:
+        self._step = self.FIRST
+
+    def reset(self) -> None:
+        self._step = self.FIRST
+
+    def next(self) -> float:
+        delay = self._step * (0.5 + random.random() / 2)
+        self._step = min(self._step * 2, self.LAST)
+        return delay
+
+
+class _Tripped(Exception):
+    """A caller found Redis failing (the breaker opened): the listener reconnects."""
 
 
 class RedisBroker:
-    """Broadcasts and presence shared by every process that uses the same Redis."""
+    """Broadcasts and presence shared by every process that uses the same Redis.
+
+    **Delivery to this process's own members.** A broadcast normally reaches
+    them back through Redis, like every other process's members, so that all
+    see one order. When the listener is not subscribed to the group's channel
+    (Redis was lost, the subscription is not confirmed yet, or ``PUBLISH``
+    says nobody got it), the publisher delivers to its own members itself and
+    marks the broadcast as delivered, so that its listener skips it if it
+    arrives after all: each member gets it exactly once.
+
+    **The breaker.** When a call to Redis fails (it is down, or hung past a
+    timeout of :mod:`dwebsocket._redis`), the breaker opens: until the
+    listener has had a real answer from Redis again, ``publish`` delivers to
+    this process's members only, and ``size``/``members`` count them only,
+    without calling Redis, so no caller waits on a Redis that does not answer.
+
+    ``_lock`` guards ``_wanted``, ``_presence``, ``_changes``, ``_requested``,
+    ``_done`` (what the listener must do next, and how far it got),
+    ``_reachable`` (the breaker: ``False`` while open), ``_live`` (the
+    groups the listener's current connection is confirmed subscribed to) and
+    ``_skip`` (our broadcasts the listener must not deliver again).
+    """
 
     def __init__(self, url: str, registry: Registry) -> None:
         self._url = url
         self._registry = registry
-        # A blocking pool: a burst of broadcasts from many threads waits for a
+        #: This broker's id in the broadcasts it publishes.
+        self._origin = uuid.uuid4().hex
+        # Blocking pools: a burst of broadcasts from many threads waits for a
         # connection rather than failing (redis-py's default pool raises at 100).
-        self._redis = _redis.client(url)
-        # Guarded by _lock: what the listener must do next, and local presence.
+        self._redis = _redis.client(url)  # the listener: pub/sub and presence writes
+        self._publisher = _redis.client(url, _redis.PUBLISH_TIMEOUT)
+        self._reader = _redis.client(url, _redis.PRESENCE_TIMEOUT)  # presence reads, probes
         self._lock = threading.Lock()
         self._wanted: set[str] = set()
         self._presence: dict[str, dict[str, str]] = {}  # group -> member id -> entry
         self._changes: list[tuple[bool, str, str]] = []  # (joined?, group, entry), in order
-        self._healthy = True
-        self._stopped = False
+        self._reachable = True
+        self._live: set[str] = set()
+        self._count = itertools.count(1)  # numbers of our broadcasts (next() is atomic)
+        # Our broadcasts whose PUBLISH failed and that we delivered to our
+        # members ourselves: Redis may run it all the same (a timeout does not
+        # say), and then our listener must skip it. Number -> when, oldest first.
+        self._skip: dict[int, float] = {}
+        self._stopped = threading.Event()
         self._wake = threading.Event()
-        # Guarded by _lock, waited on through _applied: how many changes were
-        # asked for, and how many the listener has written to Redis.
+        # Waited on through _applied: how many changes were asked for, and how
+        # many the listener has written to Redis.
         self._requested = 0
         self._done = 0
         self._applied = threading.Condition(self._lock)
         try:
-            self._redis.ping()
+            self._reader.ping()
         except redis.RedisError as exc:
-            self._healthy = False
+            self._reachable = False
             logger.error(
                 "dwebsocket: cannot reach Redis at WEBSOCKET_BROKER = %r (%s). Start Redis "
                 "or fix the setting; until then broadcasts reach this process's members only.",
@@ -96,12 +217,35 @@ class RedisBroker:
 
     # -- called from any thread ---------------------------------------------
 
-    def publish(self, group: str, message: Message, exclude: str | None) -> None:
+    def publish(self, group: str, message: Message, exclude: str | None) -> bool:
+        """Publish through Redis; ``False`` if only this process's members got it."""
+        with self._lock:
+            reachable, live = self._reachable, group in self._live
+        if not reachable:  # the breaker is open: fail fast
+            self._registry.deliver(group, message, exclude)
+            return False
+        if not live:  # our listener would not get it back
+            self._registry.deliver(group, message, exclude)
+        number = next(self._count)
         try:
-            self._redis.publish(_channel(group), encode(message, exclude))
+            receivers = self._publisher.publish(
+                _channel(group), encode(message, exclude, self._origin, not live, number)
+            )
         except redis.RedisError as exc:
+            if live:
+                now = time.monotonic()
+                with self._lock:
+                    self._skip[number] = now
+                    while next(iter(self._skip.values())) < now - _SKIP_FOR:
+                        del self._skip[next(iter(self._skip))]
+                self._registry.deliver(group, message, exclude)  # local delivery goes on
             self._outage(exc)
-            self._registry.deliver(group, message, exclude)  # local delivery goes on
+            return False
+        if live and not receivers:
+            # Nobody got it, our listener included: it lost its subscription
+            # (Redis restarted) and does not know yet.
+            self._registry.deliver(group, message, exclude)
+        return True
 
     #: Joins reach Redis through the listener thread: flush() waits for them.
     synchronous = False
@@ -110,7 +254,7 @@ class RedisBroker:
         """Wait until the subscriptions and presence asked for so far are in Redis."""
         with self._lock:
             target = self._requested
-            self._applied.wait_for(lambda: self._done >= target or not self._healthy, timeout)
+            self._applied.wait_for(lambda: self._done >= target or not self._reachable, timeout)
 
     def subscribe(self, group: str) -> None:
         with self._lock:
@@ -143,10 +287,13 @@ class RedisBroker:
         self._wake.set()
 
     def size(self, group: str) -> int:
+        """Members across processes; this process's only while the breaker is open."""
         self.flush(2.0)  # this process's own joins and leaves count at once
+        if not self._is_reachable():
+            return len(self._registry.local(group))
         key = _presence_key(group)
         try:
-            pipe = self._redis.pipeline()
+            pipe = self._reader.pipeline()
             pipe.zremrangebyscore(key, "-inf", time.time())
             pipe.zcard(key)
             return int(pipe.execute()[1])
@@ -155,29 +302,41 @@ class RedisBroker:
             return len(self._registry.local(group))
 
     def members(self, group: str) -> list[Member]:
+        """Members across processes; this process's only while the breaker is open."""
         self.flush(2.0)
+        if not self._is_reachable():
+            return self._registry.members(group)
         try:
-            entries = self._redis.zrangebyscore(_presence_key(group), time.time(), "+inf")
+            entries = self._reader.zrangebyscore(_presence_key(group), time.time(), "+inf")
         except redis.RedisError as exc:
             self._outage(exc)
             return self._registry.members(group)
         members = []
-        for raw in entries:
-            entry = json.loads(raw)  # type: ignore[arg-type]
-            members.append(Member(entry["id"], entry.get("user")))
+        for raw in entries:  # type: ignore[union-attr]
+            try:
+                entry = json.loads(raw)  # type: ignore[arg-type]
+                members.append(Member(str(entry["id"]), entry.get("user")))
+            except (ValueError, TypeError, KeyError):
+                logger.warning("dwebsocket: skipped a malformed presence entry in %s", _presence_key(group))
         return members
 
     def stop(self) -> None:
-        self._stopped = True
+        self._stopped.set()
         self._wake.set()
 
-    # -- health --------------------------------------------------------------
+    # -- health: the breaker -------------------------------------------------
+
+    def _is_reachable(self) -> bool:
+        with self._lock:
+            return self._reachable
 
     def _outage(self, exc: Exception) -> None:
+        """A call to Redis failed: open the breaker (the listener reconnects and probes)."""
         with self._lock:
-            was_healthy, self._healthy = self._healthy, False
+            was_reachable, self._reachable = self._reachable, False
             self._applied.notify_all()  # nobody waits for an unreachable Redis
-        if was_healthy:
+        self._wake.set()
+        if was_reachable and not self._stopped.is_set():
             logger.warning(
                 "dwebsocket: lost Redis at WEBSOCKET_BROKER = %r (%s); broadcasts reach this "
                 "process's members only until it is back. Reconnecting.",
@@ -185,41 +344,57 @@ class RedisBroker:
             )
 
     def _recovered(self) -> None:
+        """Redis answered the listener: close the breaker."""
         with self._lock:
-            was_healthy, self._healthy = self._healthy, True
-        if not was_healthy:
+            was_reachable, self._reachable = self._reachable, True
+        if not was_reachable:
             logger.warning("dwebsocket: Redis at WEBSOCKET_BROKER = %r is back.", self._url)
 
     # -- the listener thread -------------------------------------------------
 
     def _listen(self) -> None:
-        backoff = 0.1
-        while not self._stopped:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        backoff = _Backoff()
+        while not self._stopped.is_set():
+            pubsub = self._redis.pubsub()  # it sees subscription confirmations: see _handle
             try:
-                self._serve(pubsub)
+                self._serve(pubsub, backoff)
+            except _Tripped:
+                pass  # reconnect at once; the probe decides whether Redis is back
             except (redis.RedisError, OSError) as exc:
                 self._outage(exc)
-                time.sleep(backoff * (1 + random.random()))
-                backoff = min(backoff * 2, 5.0)
-            else:
-                backoff = 0.1
+                self._stopped.wait(backoff.next())
+            except Exception:  # a bug: logged, and the listener goes on
+                logger.exception("dwebsocket: error in the Redis listener; reconnecting")
+                self._stopped.wait(backoff.next())
             finally:
+                with self._lock:
+                    self._live.clear()  # publishers deliver locally from now on
                 try:
                     pubsub.close()
                 except Exception:
                     pass
 
-    def _serve(self, pubsub: redis.client.PubSub) -> None:
-        """Run until Redis fails or the broker stops."""
-        subscribed: set[str] = set()
+    def _serve(self, pubsub: redis.client.PubSub, backoff: _Backoff) -> None:
+        """Run until Redis fails, a caller trips the breaker, or the broker stops."""
+        self._reader.ping()  # a real round trip before anyone is told Redis is back
         self._write_presence(refresh=True)  # after a (re)connection, all of it again
         self._recovered()
+        backoff.reset()
+        # The listener's own: the groups asked for on this connection, and the
+        # confirmations still to come for each (a group is live, see _live,
+        # once none is pending and it is still asked for).
+        subscribed: set[str] = set()
+        pending: dict[str, int] = {}
         next_refresh = time.monotonic() + _REFRESH
-        while not self._stopped:
+        while not self._stopped.is_set():
             with self._lock:
+                if not self._reachable:
+                    raise _Tripped
                 wanted = set(self._wanted)
                 requested = self._requested
+                self._live -= subscribed - wanted  # publishers deliver locally from now on
+            for group in wanted ^ subscribed:
+                pending[group] = pending.get(group, 0) + 1
             if wanted - subscribed:
                 pubsub.subscribe(*(_channel(g) for g in wanted - subscribed))
             if subscribed - wanted:
@@ -232,16 +407,53 @@ class RedisBroker:
                 self._done = requested
                 self._applied.notify_all()
             self._wake.clear()
-            if not subscribed:
+            if not subscribed and not pending:
                 self._wake.wait(0.5)
                 continue
             message = pubsub.get_message(timeout=0.2)
             while message is not None:
-                if message.get("type") == "message":
-                    group = message["channel"].decode()[len(_PREFIX) + len("group:"):]
-                    data, exclude = decode(message["data"])
-                    self._registry.deliver(group, data, exclude)
+                self._handle(message, subscribed, pending)
                 message = pubsub.get_message(timeout=0)
+
+    def _handle(self, message: dict[str, Any], subscribed: set[str], pending: dict[str, int]) -> None:
+        """One message of the pub/sub connection: a (un)subscription confirmed, or a broadcast."""
+        kind, channel = message.get("type"), message.get("channel")
+        if not isinstance(channel, bytes):
+            return
+        group = channel.decode("utf-8", "replace")[len(_PREFIX) + len("group:"):]
+        if kind in ("subscribe", "unsubscribe"):
+            left = pending.get(group, 1) - 1
+            if left > 0:
+                pending[group] = left
+                return
+            pending.pop(group, None)
+            with self._lock:
+                if group in subscribed:
+                    self._live.add(group)  # from now on our own broadcasts come back to us
+                else:
+                    self._live.discard(group)
+        elif kind == "message":
+            self._received(group, message.get("data"))
+
+    def _received(self, group: str, data: object) -> None:
+        """Deliver one broadcast to this process's members; nothing in it can raise."""
+        try:
+            if not isinstance(data, bytes):
+                raise ValueError(f"a {type(data).__name__}, not bytes")
+            broadcast = decode(data)
+        except ValueError as exc:  # UnicodeDecodeError included
+            logger.warning("dwebsocket: skipped a malformed broadcast to group %r: %s", group, exc)
+            return
+        if broadcast.origin == self._origin:
+            if broadcast.delivered:
+                return  # we delivered it to our members when we published it
+            with self._lock:
+                if self._skip.pop(broadcast.number, None) is not None:
+                    return  # its PUBLISH failed, we delivered it then, and Redis ran it after all
+        try:
+            self._registry.deliver(group, broadcast.message, broadcast.exclude)
+        except Exception:
+            logger.exception("dwebsocket: error delivering a broadcast to group %r", group)
 
     def _write_presence(self, refresh: bool) -> None:
         """Write joins and leaves in order; with *refresh*, every local member's expiry again."""

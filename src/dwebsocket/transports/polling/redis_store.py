@@ -4,7 +4,8 @@ The :class:`~dwebsocket.transports.polling.store.SessionStore` for
 ``WEBSOCKET_BROKER = "redis://..."``. The view runs in the process that opened
 the session (its *owner*); polls, sends and closes may reach any process::
 
-    dwebsocket:poll:<sid>         hash: the client binding and the owner   (written at open)
+    dwebsocket:poll:<sid>         hash: the client binding and the owner   (written at open; lives
+                                  while the owner does: see below)
     dwebsocket:poll:<sid>:out     list: items for the client               (the owner pushes, polls pop)
     dwebsocket:poll:<sid>:in      list: items for the view                 (any process pushes, the owner pops)
     dwebsocket:poll:<sid>:seen    the time of the last poll                (polls write, the owner reads)
@@ -18,9 +19,17 @@ is the only process that pushes to it, one push at a time per session, so the
 length ``RPUSH`` returns is exact, and an item the policy refuses is popped
 back from the tail before anyone else pushes.
 
+A session lives as long as its owner: the hash expires ``_OWNER_TTL``
+seconds after it was last refreshed, and the owner's listener refreshes the
+hash of every session it still runs every ``_HEARTBEAT`` seconds. So a live
+session is never cut, and when the owner process dies its sessions vanish
+within ``_OWNER_TTL`` seconds: every request on them then gets 404 (the
+client opens a new session) instead of polling a session no view reads.
+
 Threads: each process has one listener thread for the sessions it owns: it
 moves their input into the views' connections when told to (never waiting on
-a full queue: it puts the rest back and retries), and every second ends the
+a full queue: it puts the rest back and retries), refreshes their hashes
+(the heartbeat), and every second ends the
 sessions nobody polls (1006) or that fell too far behind (1013). A poll
 blocks on ``:out`` with ``BLPOP`` through a client whose socket timeout
 outlasts the poll (a thread under WSGI; an asyncio client under ASGI, holding
@@ -51,7 +60,9 @@ __all__ = ["RedisStore"]
 
 logger = logging.getLogger("dwebsocket")
 
-_TTL = 3600  # seconds a session's keys outlive its last activity at most
+_TTL = 3600  # seconds a session's queues and poll time outlive their last use at most
+_OWNER_TTL = 10  # seconds a session's hash outlives the last heartbeat of its owner
+_HEARTBEAT = 3.0  # seconds between two heartbeats of an owner
 _BATCH = 1000  # items one round trip takes from a queue at most
 
 
@@ -104,7 +115,10 @@ class RedisStore:
 
     ``_lock`` guards ``_owned`` (the sessions this process owns, by id: their
     view and their outbound list), ``_backlog`` (those whose view's queue was
-    full) and ``_listener``.
+    full) and ``_listener``. ``_expiry_lock`` makes a heartbeat and a
+    session's end (which sets the keys' last expiry) one after the other, so
+    that a heartbeat never undoes an end. ``_lost`` belongs to the listener
+    thread (whether it told the log that Redis is lost).
     """
 
     def __init__(self, url: str) -> None:
@@ -115,6 +129,8 @@ class RedisStore:
         self._owned: dict[str, tuple[ViewEnd, _RedisOutbound]] = {}
         self._backlog: set[str] = set()
         self._listener: threading.Thread | None = None
+        self._expiry_lock = threading.Lock()
+        self._lost = False
 
     # -- SessionStore ------------------------------------------------------------
 
@@ -138,7 +154,7 @@ class RedisStore:
             pipe.hset(keys.base, "binding", view.binding)
         pipe.set(keys.seen, time.time())
         for name in keys:
-            pipe.expire(name, _TTL)
+            pipe.expire(name, _OWNER_TTL if name == keys.base else _TTL)
 
     def find(self, sid: str) -> ClientEnd | None:
         if not sid:
@@ -170,18 +186,37 @@ class RedisStore:
 
     def _finished(self, sid: str) -> None:
         """The view is done: forget the session once the client had time to poll the close."""
-        with self._lock:
-            self._owned.pop(sid, None)
-        pipe = self._redis.pipeline()
-        for name in _keys(sid):
-            pipe.expire(name, _grace())
-        pipe.execute()
+        with self._expiry_lock:
+            with self._lock:
+                self._owned.pop(sid, None)
+            pipe = self._redis.pipeline()
+            for name in _keys(sid):
+                pipe.expire(name, _grace())
+            pipe.execute()
+
+    def _heartbeat(self) -> None:
+        """Keep the sessions this process runs findable for ``_OWNER_TTL`` seconds more."""
+        with self._expiry_lock:
+            with self._lock:
+                sids = list(self._owned)
+            if not sids:
+                return
+            pipe = self._redis.pipeline(transaction=False)
+            for sid in sids:
+                pipe.expire(_keys(sid).base, _OWNER_TTL)
+            pipe.execute()
 
     def _listen(self) -> None:
         while True:
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
                 pubsub.subscribe(_owner_channel(self._owner))
+                self._heartbeat()  # at once: an outage may have left the hashes near their end
+                if self._lost:
+                    self._redis.ping()  # a real round trip before the log says so
+                    self._lost = False
+                    logger.warning("dwebsocket: polling sessions: Redis is back.")
+                next_heartbeat = time.monotonic() + _HEARTBEAT
                 while True:
                     message = pubsub.get_message(timeout=1.0)
                     if message is not None and message.get("type") == "message":
@@ -190,12 +225,26 @@ class RedisStore:
                         backlog, self._backlog = self._backlog, set()
                     for sid in backlog:
                         self._drain(sid)
+                    if time.monotonic() >= next_heartbeat:
+                        next_heartbeat = time.monotonic() + _HEARTBEAT
+                        self._heartbeat()
                     self._expire()
             except redis.RedisError as exc:
-                logger.warning("dwebsocket: polling sessions lost Redis (%s); retrying", exc)
+                if not self._lost:  # one line per outage, not one per attempt
+                    self._lost = True
+                    logger.warning(
+                        "dwebsocket: polling sessions lost Redis (%s); their requests fail until it is back. "
+                        "Retrying every second.", exc,
+                    )
+                time.sleep(1.0)
+            except Exception:  # a bug: logged, and the listener goes on
+                logger.exception("dwebsocket: error in the polling sessions' listener")
                 time.sleep(1.0)
             finally:
-                pubsub.close()
+                try:
+                    pubsub.close()
+                except Exception:
+                    pass
 
     def _drain(self, sid: str) -> None:
         """Move what clients sent to session *sid* (through any process) into its view."""

@@ -6,10 +6,11 @@ connection, by one thread (a greenlet under gevent):
 
 * **reads while no view waits**: each socket is in an ``epoll`` set with
   ``EPOLLONESHOT``, armed while nobody reads it; when it fires the hub reads
-  what arrived without waiting and queues it for the view. The holder of a
-  connection's read lock re-arms it when it lets go. (gevent removes
-  ``epoll``; there each connection has a reader greenlet instead, and
-  :attr:`Hub.reads` is false);
+  what arrived without waiting and queues it for the view. Under gevent,
+  which removes ``epoll``, each socket has a gevent I/O watcher instead,
+  started while nobody reads it; when it fires, a short-lived greenlet reads.
+  Where neither exists, :attr:`Hub.reads` is false and each connection has a
+  reader thread of its own;
 
 * **time**: every ``tick`` (a quarter of the shortest ping interval, ping
   timeout or close timeout, at most 1 s) it sends keepalive pings and ends
@@ -31,9 +32,10 @@ import logging
 import select
 import selectors
 import socket
+import sys
 import threading
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 __all__ = ["Hub", "HubClient", "hub"]
 
@@ -75,6 +77,7 @@ class Hub:
         self._transports: set[HubClient] = set()
         self._wanted: set[HubClient] = set()  # connections with queued writes
         self._readable: dict[int, HubClient] = {}  # fd -> connection read by the hub
+        self._watchers: dict[HubClient, Any] = {}  # under gevent: connection -> its I/O watcher
         self._thread: threading.Thread | None = None
         self._epoll: select.epoll | None = None
         self._wake_r: socket.socket | None = None
@@ -82,15 +85,22 @@ class Hub:
 
     @property
     def reads(self) -> bool:
-        """Whether the hub can read for connections (it cannot under gevent: no ``epoll``)."""
-        return hasattr(select, "epoll")
+        """Whether the hub can read for connections (``epoll``, or gevent's loop)."""
+        return hasattr(select, "epoll") or _gevent_loop() is not None
 
     def add(self, transport: HubClient, read: bool = False) -> None:
         """Keep time for *transport* until :meth:`remove`; with *read*, read it while no view does."""
         with self._lock:
             self._transports.add(transport)
             self._start()
-            if read and self._epoll is not None:
+            if not read:
+                return
+            loop = _gevent_loop()
+            if loop is not None:
+                watcher = loop.io(transport.fileno(), 1)  # 1: readable
+                self._watchers[transport] = watcher
+                watcher.start(self._gevent_ready, transport, watcher)
+            elif self._epoll is not None:
                 fd = transport.fileno()
                 self._readable[fd] = transport
                 self._epoll.register(fd, _ARMED)
@@ -99,6 +109,10 @@ class Hub:
         with self._lock:
             self._transports.discard(transport)
             self._wanted.discard(transport)
+            watcher = self._watchers.pop(transport, None)
+            if watcher is not None:
+                watcher.stop()
+                watcher.close()
             for fd, found in list(self._readable.items()):
                 if found is transport:
                     del self._readable[fd]
@@ -109,12 +123,38 @@ class Hub:
                             pass
 
     def arm(self, transport: HubClient, hangup_only: bool = False) -> None:
-        """Wake for *transport*'s socket once (data, or with *hangup_only* only a hang-up)."""
+        """Wake for *transport*'s socket once (data, or with *hangup_only* only a hang-up).
+
+        gevent's watchers cannot wait for a hang-up alone: there the clock
+        looks at a stalled connection's TCP state instead.
+        """
+        watcher = self._watchers.get(transport)
+        if watcher is not None:
+            if not hangup_only and not watcher.active:
+                watcher.start(self._gevent_ready, transport, watcher)
+            return
         self._modify(transport, _HANGUP_ONLY if hangup_only else _ARMED)
 
     def disarm(self, transport: HubClient) -> None:
         """A view's thread reads *transport* now: do not wake for it."""
+        watcher = self._watchers.get(transport)
+        if watcher is not None:
+            watcher.stop()
+            return
         self._modify(transport, 0)
+
+    def _gevent_ready(self, transport: HubClient, watcher: Any) -> None:
+        """In gevent's hub, which must not block: read in a greenlet of its own, once."""
+        watcher.stop()
+        import gevent
+
+        gevent.spawn(self._read_one, transport, False)
+
+    def _read_one(self, transport: HubClient, hangup: bool) -> None:
+        try:
+            transport.on_readable(hangup)
+        except Exception:  # pragma: no cover - a bug in dwebsocket
+            logger.exception("dwebsocket: reading a WebSocket failed")
 
     def _modify(self, transport: HubClient, events: int) -> None:
         epoll, fd = self._epoll, transport.fileno()
@@ -143,7 +183,7 @@ class Hub:
         if self._thread is None:
             self._wake_r, self._wake_w = socket.socketpair()
             self._wake_r.setblocking(False)
-            self._epoll = select.epoll() if self.reads else None
+            self._epoll = select.epoll() if hasattr(select, "epoll") else None
             self._thread = threading.Thread(target=self._run, name="dwebsocket-hub", daemon=True)
             self._thread.start()
 
@@ -207,12 +247,8 @@ class Hub:
         """Let every connection whose socket fired read what it has."""
         for fd, events in epoll.poll(0):
             transport = self._readable.get(fd)  # one dict lookup: atomic, no lock needed
-            if transport is None:
-                continue
-            try:
-                transport.on_readable(bool(events & _HUNG_UP))
-            except Exception:  # pragma: no cover - a bug in dwebsocket
-                logger.exception("dwebsocket: reading a WebSocket failed")
+            if transport is not None:
+                self._read_one(transport, bool(events & _HUNG_UP))
 
     def _try(
         self,
@@ -255,6 +291,16 @@ class Hub:
             except Exception:  # pragma: no cover - a bug in dwebsocket
                 logger.exception("dwebsocket: the keepalive timer failed")
         return transports
+
+
+def _gevent_loop() -> Any:
+    """gevent's event loop, when gevent has patched this process's sockets; else ``None``."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is None or not monkey.is_module_patched("socket"):
+        return None
+    import gevent
+
+    return gevent.get_hub().loop
 
 
 #: The hub of this process.

@@ -15,9 +15,11 @@ input side (the message being assembled, what is parsed but found no room in
 the view's queue, the end); the hub only ever *tries* it. Once a view reads,
 the hub's interest in the socket stays off (no system call per message)
 until the view has not read for ``_HAND_BACK`` seconds, which the hub notices
-on its next tick; a view whose queue is full hands the socket back at once. Where the hub
-cannot read for us (gevent, which has no ``epoll`` to share), a reader
-greenlet per connection reads instead, as a thread of its own would.
+on its next tick; a view whose queue is full hands the socket back at once.
+Under gevent the same holds with greenlets: the view's greenlet reads while
+it waits, and the hub's gevent watcher starts a short-lived greenlet to read
+while it does not. Where the hub cannot read at all (no ``epoll``, no
+gevent), a reader thread per connection reads instead.
 
 Writing. ``_lock`` guards the wsproto connection, every write to the socket
 and the head of the outbox, so frames never interleave; any thread may send.
@@ -308,7 +310,7 @@ class SocketTransport:
             self._cut()
             return
         if self._pending:  # the view's queue was full: see whether it has room now
-            self.on_readable(False)
+            self.on_readable(_peer_left(self._sock))
         elif self._view_reads:
             self._hand_back(now)
         if self._close_sent_at is not None and now - self._close_sent_at >= limits.close_timeout:
@@ -434,6 +436,8 @@ class SocketTransport:
                     self._poller.register(self._fd, select.POLLIN)
                 if not self._poller.poll(remaining * 1000):
                     return None
+            if self._fd_nonblocking:  # gevent's recv() would wait for data: read the descriptor
+                return os.read(self._fd, _RECV_SIZE)
             return self._sock.recv(_RECV_SIZE, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return None

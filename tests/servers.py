@@ -103,6 +103,10 @@ LIMITS = {
     "no_empty_message": {"daphne"},
     # the server itself drops a connection whose message is over 1 MiB, without a close frame
     "drops_messages_over_1mib": {"daphne"},
+    # a permessage-deflate offer with a parameter that is not a number: the server
+    # hides it from the application and fails its own accept, closing the
+    # connection without an answer
+    "drops_malformed_deflate_offer": {"uvicorn"},
 }
 
 

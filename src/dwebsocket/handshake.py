@@ -7,6 +7,9 @@ an ASGI scope); wsproto validates it as a WebSocket handshake and writes the
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 import zlib
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -23,7 +26,14 @@ from wsproto.utilities import RemoteProtocolError
 
 from . import conf
 
-__all__ = ["Handshake", "HandshakeError", "check_origin", "is_websocket_request", "origin_allowed"]
+__all__ = [
+    "Handshake",
+    "HandshakeError",
+    "check_origin",
+    "check_server_handshake",
+    "is_websocket_request",
+    "origin_allowed",
+]
 
 
 class HandshakeError(Exception):
@@ -68,6 +78,9 @@ class Handshake:
 
     def __init__(self, request: HttpRequest) -> None:
         check_origin(request)
+        _check_version(request.META.get("SERVER_PROTOCOL"))
+        _check_ascii(request)
+        _check_key(request)
         self.connection = wsproto.WSConnection(wsproto.ConnectionType.SERVER)
         try:
             self.connection.receive_data(_request_bytes(request))
@@ -107,6 +120,107 @@ class Handshake:
         )
 
 
+_HTTP_VERSION = re.compile(r"(?:HTTP/)?(\d+)(?:\.(\d+))?", re.IGNORECASE)
+
+
+def _check_version(version: str | None) -> None:
+    """400 unless *version* ("HTTP/1.1", or an ASGI scope's "1.1") is HTTP/1.1 or later.
+
+    RFC 6455 section 4.1: the handshake is an HTTP/1.1 request (or, RFC 8441,
+    one over HTTP/2). An HTTP/1.0 client cannot keep the connection for the
+    protocol switch. ``None`` (a server that does not say) is let through.
+    """
+    if version is None:
+        return
+    match = _HTTP_VERSION.fullmatch(version.strip())
+    if match is None or (int(match.group(1)), int(match.group(2) or 0)) < (1, 1):
+        raise HandshakeError(
+            400, f"Invalid WebSocket handshake: it needs HTTP/1.1 or later; this request is {version!r}."
+        )
+
+
+_TOKEN_HEADERS = ("HTTP_UPGRADE", "HTTP_CONNECTION", "HTTP_SEC_WEBSOCKET_PROTOCOL", "HTTP_SEC_WEBSOCKET_EXTENSIONS")
+
+
+def _check_ascii(request: HttpRequest) -> None:
+    """400 for a handshake header wsproto reads as tokens that is not ASCII.
+
+    wsproto decodes them as ASCII and would raise ``UnicodeDecodeError`` (a 500).
+    """
+    for key in _TOKEN_HEADERS:
+        value = request.META.get(key)
+        if value is not None and not value.isascii():
+            name = "-".join(part.capitalize() for part in key[5:].split("_")).replace("Websocket", "WebSocket")
+            raise HandshakeError(400, f"Invalid WebSocket handshake: {name} is not ASCII.")
+
+
+def _check_key(request: HttpRequest) -> None:
+    """400 unless ``Sec-WebSocket-Key`` is base64 of 16 bytes (RFC 6455 section 4.2.1).
+
+    wsproto only checks that the header is there; an empty or short key would
+    get a ``101`` a conforming client rejects anyway.
+    """
+    key = request.META.get("HTTP_SEC_WEBSOCKET_KEY")
+    if key is None:
+        return  # wsproto refuses a missing key, naming the header
+    try:
+        valid = len(base64.b64decode(key.strip(), validate=True)) == 16
+    except (binascii.Error, ValueError):
+        valid = False
+    if not valid:
+        raise HandshakeError(
+            400,
+            f"Invalid WebSocket handshake: Sec-WebSocket-Key must be 16 random bytes in base64 "
+            f"(24 characters); it is {key[:40]!r}.",
+        )
+
+
+def _deflate_offer_ok(offer: str) -> bool:
+    """Whether wsproto can read a ``permessage-deflate`` *offer* (its numbers are numbers).
+
+    RFC 7692 section 5: a server declines an offer with a parameter value it
+    cannot accept; wsproto raises ``ValueError`` instead for one that is not
+    an integer (``client_max_window_bits=abc``). Tried on an extension of its
+    own, so that a bad offer leaves nothing behind on the one in use.
+    """
+    try:
+        PerMessageDeflate().accept(offer)
+    except ValueError:
+        return False
+    return True
+
+
+def _bad_deflate_offers(request: HttpRequest) -> list[str]:
+    header = request.META.get("HTTP_SEC_WEBSOCKET_EXTENSIONS", "")
+    offers = [offer.strip() for offer in header.split(",")]  # as wsproto splits them
+    return [
+        offer for offer in offers
+        if offer.split(";", 1)[0].strip() == PerMessageDeflate.name and not _deflate_offer_ok(offer)
+    ]
+
+
+def check_server_handshake(request: HttpRequest, http_version: str | None) -> None:
+    """What dwebsocket checks of a handshake an ASGI server validated and answers itself.
+
+    The origin; the HTTP version (*http_version*, as the ASGI scope says it);
+    for HTTP/1.x, the ``Sec-WebSocket-Key`` (some servers only check that it is
+    there); and the ``permessage-deflate`` offers, which the server negotiates
+    itself: one it cannot read would fail inside the server's accept, so it is
+    refused with 400 before the view runs.
+    """
+    check_origin(request)
+    _check_version(http_version)
+    if http_version is None or http_version.strip().startswith("1"):
+        if request.META.get("HTTP_SEC_WEBSOCKET_KEY") is None:
+            raise HandshakeError(400, "Invalid WebSocket handshake: missing header, 'Sec-WebSocket-Key'.")
+        _check_key(request)
+    bad = _bad_deflate_offers(request)
+    if bad:
+        raise HandshakeError(
+            400, f"Invalid WebSocket handshake: malformed permessage-deflate offer {bad[0][:100]!r}."
+        )
+
+
 class _BoundedDeflate(PerMessageDeflate):
     """permessage-deflate that stops inflating a message at the size limit.
 
@@ -121,6 +235,12 @@ class _BoundedDeflate(PerMessageDeflate):
         super().__init__()
         self._max_message_size = max_message_size
         self._inflated = 0  # of the message being received; owned by the reader
+
+    def accept(self, offer: str) -> bool | None | str:
+        """Accept *offer*, or decline it (``None``) if its parameters cannot be read."""
+        if not _deflate_offer_ok(offer):
+            return None
+        return super().accept(offer)
 
     def frame_inbound_payload_data(self, proto: Any, data: bytes) -> bytes | CloseReason:
         limit = self._max_message_size

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import struct
 import zlib
 
@@ -10,6 +11,7 @@ from django.test import RequestFactory, override_settings
 from wsproto.events import BytesMessage, CloseConnection
 
 from dwebsocket.handshake import Handshake, HandshakeError, is_websocket_request, origin_allowed
+from dwebsocket.transports.asgi.transport import AsgiOpener
 
 
 @pytest.mark.parametrize(
@@ -156,3 +158,89 @@ def test_a_compressed_message_at_the_limit_inflates_whole():
     seen, code = inflate_through(None, compressed_frame(b"x" * 4 * limit))
     assert (seen, code) == (4 * limit, None)
 
+
+
+# -- what RFC 6455 asks of the request, and offers wsproto cannot read ---------------
+
+
+@pytest.mark.parametrize("key", ["", "YWJj", "dGhlIHNhbXBsZSBub25jZQ", "!!!!!!!!!!!!!!!!!!!!!!==", "dGhlIHNhbXBsZSBub25jZSE="])
+def test_a_key_that_is_not_base64_of_16_bytes_is_refused_with_400(key):
+    with pytest.raises(HandshakeError) as refused:
+        Handshake(handshake_request(HTTP_SEC_WEBSOCKET_KEY=key))
+    assert refused.value.status == 400 and "Sec-WebSocket-Key must be 16" in refused.value.message
+
+
+@pytest.mark.parametrize("version", ["HTTP/1.0", "HTTP/0.9", "garbage"])
+def test_a_handshake_before_http_1_1_is_refused_with_400(version):
+    with pytest.raises(HandshakeError) as refused:
+        Handshake(handshake_request(SERVER_PROTOCOL=version))
+    assert refused.value.status == 400 and "HTTP/1.1 or later" in refused.value.message
+
+
+def test_http_1_1_and_later_pass():
+    for version in ("HTTP/1.1", "HTTP/2", "HTTP/2.0"):
+        Handshake(handshake_request(SERVER_PROTOCOL=version))
+
+
+@pytest.mark.parametrize("header", ["HTTP_SEC_WEBSOCKET_PROTOCOL", "HTTP_SEC_WEBSOCKET_EXTENSIONS", "HTTP_UPGRADE"])
+def test_a_token_header_that_is_not_ascii_is_refused_with_400_not_a_500(header):
+    # wsproto decoded them as ASCII: UnicodeDecodeError, a 500.
+    value = {"HTTP_UPGRADE": "websocket\xe9"}.get(header, "chat\xe9")
+    with pytest.raises(HandshakeError) as refused:
+        Handshake(handshake_request(**{header: value}))
+    assert refused.value.status == 400 and "is not ASCII" in refused.value.message
+
+
+@pytest.mark.parametrize(
+    "offer",
+    [
+        "permessage-deflate; client_max_window_bits=abc",
+        "permessage-deflate; server_max_window_bits=",
+        "permessage-deflate; client_max_window_bits=99",
+    ],
+)
+def test_a_deflate_offer_wsproto_cannot_read_is_declined(offer):
+    # RFC 7692 section 5; wsproto raised ValueError for the first two, from
+    # inside the view's first use of request.websocket (a 500).
+    answer = Handshake(handshake_request(HTTP_SEC_WEBSOCKET_EXTENSIONS=offer)).accept(None, compression=True)
+    assert answer.startswith(b"HTTP/1.1 101") and b"permessage-deflate" not in answer
+
+
+def test_a_bad_deflate_offer_leaves_nothing_behind_for_a_good_one_after_it():
+    offers = "permessage-deflate; server_no_context_takeover; client_max_window_bits=x, permessage-deflate"
+    answer = Handshake(handshake_request(HTTP_SEC_WEBSOCKET_EXTENSIONS=offers)).accept(None, compression=True)
+    assert b"Sec-WebSocket-Extensions: permessage-deflate\r\n" in answer
+
+
+@pytest.fixture
+def loop():
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.mark.parametrize(
+    ("http_version", "headers", "text"),
+    [
+        ("1.0", {}, "HTTP/1.1 or later"),
+        ("1.1", {"HTTP_SEC_WEBSOCKET_KEY": ""}, "Sec-WebSocket-Key must be 16"),
+        ("1.1", {"HTTP_SEC_WEBSOCKET_KEY": None}, "Sec-WebSocket-Key"),
+        ("1.1", {"HTTP_SEC_WEBSOCKET_EXTENSIONS": "permessage-deflate; client_max_window_bits=abc"}, "permessage-deflate"),
+        ("1.1", {"HTTP_ORIGIN": "https://evil.example"}, "WEBSOCKET_ALLOWED_ORIGINS"),
+    ],
+)
+def test_under_asgi_dwebsocket_checks_what_the_server_may_let_through(loop, http_version, headers, text):
+    # The ASGI server validates and answers the handshake and negotiates the
+    # extensions; dwebsocket still refuses, before the view runs, what some
+    # servers pass on (uvicorn's wsproto front end: an empty key; a deflate
+    # offer the server's own accept would fail on).
+    opener = AsgiOpener({"type": "websocket", "http_version": http_version}, None, None, loop)
+    with pytest.raises(HandshakeError) as refused:
+        opener.prepare(handshake_request(**headers))
+    assert refused.value.status in (400, 403) and text in refused.value.message
+
+
+def test_under_asgi_http_2_needs_no_key(loop):
+    AsgiOpener({"type": "websocket", "http_version": "2"}, None, None, loop).prepare(
+        handshake_request(HTTP_SEC_WEBSOCKET_KEY=None)  # RFC 8441: no key over HTTP/2
+    )

@@ -214,6 +214,20 @@ def test_cross_site_requests_are_refused(polling_server):
     client.close()
 
 
+def test_an_origin_is_allowed_only_by_djangos_csrf_rule_not_by_allowed_hosts(polling_server):
+    # localhost is in ALLOWED_HOSTS, but a page there is another origin than
+    # http://127.0.0.1:port: a cross-site request, refused like a handshake.
+    other = f"http://localhost:{polling_server.port}"
+    assert PollClient(polling_server, "/echo/", origin=other).open()[0] == 403
+    assert PollClient(polling_server, "/echo/", origin="https://trusted.example").open()[0] == 200
+    client = PollClient(polling_server, "/echo/")
+    assert client.open()[0] == 200
+    forged = PollClient(polling_server, "/echo/", origin=other)
+    forged.sid = client.sid
+    assert forged.send("forged") == 403
+    client.close()
+
+
 def test_oversized_post_is_refused_with_413(polling_server):
     client = PollClient(polling_server, "/echo/")
     assert client.open()[0] == 200

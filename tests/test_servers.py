@@ -419,9 +419,10 @@ def test_an_http_1_0_handshake_is_refused_with_400(server):
 @pytest.mark.parametrize(
     ("origin", "allowed"),
     [
-        ("http://127.0.0.1:{port}", True),
-        ("http://localhost:8000", True),
-        ("https://trusted.example", True),
+        ("http://127.0.0.1:{port}", True),  # the page's own origin
+        ("http://localhost:{port}", False),  # in ALLOWED_HOSTS, but another origin
+        ("https://127.0.0.1:{port}", False),  # another scheme
+        ("https://trusted.example", True),  # CSRF_TRUSTED_ORIGINS
         ("https://evil.example", False),
         ("null", False),
     ],

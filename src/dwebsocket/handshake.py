@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import re
 import zlib
 from collections.abc import Iterable, Sequence
@@ -17,14 +18,18 @@ from urllib.parse import urlsplit
 
 import wsproto
 from django.conf import settings
+from django.core.exceptions import DisallowedHost
 from django.http import HttpRequest, HttpResponse
-from django.http.request import split_domain_port, validate_host
+from django.http.request import validate_host
+from django.utils.http import is_same_domain
 from wsproto.events import AcceptConnection, RejectConnection, Request
 from wsproto.extensions import Extension, PerMessageDeflate
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import RemoteProtocolError
 
 from . import conf
+
+logger = logging.getLogger("dwebsocket")
 
 __all__ = [
     "Handshake",
@@ -270,60 +275,104 @@ class _BoundedDeflate(PerMessageDeflate):
 
 
 def check_origin(request: HttpRequest) -> None:
-    """Raise :class:`HandshakeError` (403) for a browser handshake from a foreign origin."""
-    origin = request.META.get("HTTP_ORIGIN")
-    if origin is not None and not origin_allowed(origin):
-        raise HandshakeError(
-            403,
-            f"WebSocket connections from origin {origin!r} are not allowed. Add it to "
-            "ALLOWED_HOSTS, CSRF_TRUSTED_ORIGINS or WEBSOCKET_ALLOWED_ORIGINS.",
-        )
+    """Raise :class:`HandshakeError` (403) for a browser request from a foreign origin.
 
-
-def _debug_hosts() -> list[str]:
-    hosts = list(settings.ALLOWED_HOSTS)
-    if settings.DEBUG and not hosts:
-        # The hosts Django itself allows when DEBUG is on and ALLOWED_HOSTS is empty.
-        hosts = [".localhost", "127.0.0.1", "[::1]"]
-    return hosts
-
-
-def _origin_matches(origin: str, patterns: Iterable[str]) -> bool:
-    """Match a full origin against origins ("https://*.example.com") or host patterns."""
-    parts = urlsplit(origin)
-    for pattern in patterns:
-        if pattern == "*":
-            return True
-        if "://" not in pattern:
-            if parts.hostname and validate_host(parts.hostname, [pattern]):
-                return True
-            continue
-        wanted = urlsplit(pattern)
-        if wanted.scheme != parts.scheme:
-            continue
-        if wanted.netloc.startswith("*."):
-            suffix = wanted.netloc[1:]
-            if parts.netloc.endswith(suffix) or parts.netloc == suffix[1:]:
-                return True
-        elif wanted.netloc == parts.netloc:
-            return True
-    return False
-
-
-def origin_allowed(origin: str) -> bool:
-    """Whether a browser at *origin* may open a WebSocket to this project.
-
-    Allowed are origins listed in ``WEBSOCKET_ALLOWED_ORIGINS`` (when set, it is
-    the whole list), else origins whose host is in ``ALLOWED_HOSTS`` or that are
-    listed in ``CSRF_TRUSTED_ORIGINS`` -- the same rules Django applies to forms.
+    Used for WebSocket handshakes on every server and for every long-polling
+    request; see :func:`origin_allowed` for the rule. The refusal is logged
+    once, naming the setting that would allow the origin.
     """
-    explicit = conf.get("WEBSOCKET_ALLOWED_ORIGINS")
-    if explicit is not None:
-        return _origin_matches(origin, explicit)
-    parts = urlsplit(origin)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        return False
-    domain, _port = split_domain_port(parts.netloc)
-    if domain and validate_host(domain, _debug_hosts()):
+    origin = request.META.get("HTTP_ORIGIN")
+    if origin is None or origin_allowed(request):
+        return
+    logger.warning(
+        "dwebsocket: refused a WebSocket request to %s from origin %r: not this site's own "
+        "origin (%s), nor in CSRF_TRUSTED_ORIGINS or WEBSOCKET_ALLOWED_ORIGINS. If that page "
+        "may connect, add its origin to WEBSOCKET_ALLOWED_ORIGINS; behind a proxy that "
+        "terminates TLS, set SECURE_PROXY_SSL_HEADER (see docs/security.md).",
+        request.path, origin[:200], _own_origin(request) or "its Host is not in ALLOWED_HOSTS",
+    )
+    raise HandshakeError(
+        403,
+        f"WebSocket connections from origin {origin[:200]!r} are not allowed. Add it to "
+        "WEBSOCKET_ALLOWED_ORIGINS (or CSRF_TRUSTED_ORIGINS).",
+    )
+
+
+def _own_origin(request: HttpRequest) -> str | None:
+    """``scheme://host`` of *request* itself, as Django's CSRF check builds it; None for a bad Host."""
+    try:
+        host = request.get_host()  # ALLOWED_HOSTS, USE_X_FORWARDED_HOST
+    except DisallowedHost:
+        return None
+    return f"{'https' if request.is_secure() else 'http'}://{host}"  # SECURE_PROXY_SSL_HEADER
+
+
+def _trusted(origin: str, trusted: Iterable[str]) -> bool:
+    """Whether *origin* matches ``CSRF_TRUSTED_ORIGINS`` as Django's ``CsrfViewMiddleware`` matches it.
+
+    Exact origins (``"https://app.example.com"``) must be equal; an origin with
+    ``*`` (``"https://*.example.com"``) allows that scheme and the domain or any
+    subdomain of it (``django.utils.http.is_same_domain``), any port only if written.
+    """
+    patterns = list(trusted)
+    if origin in {pattern for pattern in patterns if "*" not in pattern}:
         return True
-    return _origin_matches(origin, getattr(settings, "CSRF_TRUSTED_ORIGINS", []))
+    try:
+        parts = urlsplit(origin)
+    except ValueError:
+        return False
+    return any(
+        is_same_domain(parts.netloc, wanted.netloc.lstrip("*"))
+        for wanted in (urlsplit(pattern) for pattern in patterns if "*" in pattern)
+        if wanted.scheme == parts.scheme
+    )
+
+
+def _allowed(origin: str, patterns: Iterable[str]) -> bool:
+    """Whether *origin* matches ``WEBSOCKET_ALLOWED_ORIGINS``.
+
+    Full origins match as in ``CSRF_TRUSTED_ORIGINS`` (``"https://*.example.com"``
+    wildcards included); a pattern without a scheme is a host pattern as in
+    ``ALLOWED_HOSTS`` (``"example.com"``, ``".example.com"``), for any scheme
+    and port; ``"*"`` allows every origin.
+    """
+    patterns = list(patterns)
+    if "*" in patterns:
+        return True
+    try:
+        hostname = urlsplit(origin).hostname
+    except ValueError:
+        return False
+    hosts = [pattern for pattern in patterns if "://" not in pattern]
+    if hostname and hosts and validate_host(hostname, hosts):
+        return True
+    full = []
+    for pattern in patterns:
+        if "://" in pattern:
+            try:
+                parts = urlsplit(pattern)
+            except ValueError:
+                continue
+            full.append(f"{parts.scheme}://{parts.netloc}")  # "https://a.example/" too
+    return _trusted(origin, full)
+
+
+def origin_allowed(request: HttpRequest) -> bool:
+    """Whether the browser page that sent *request* may use this project's WebSockets.
+
+    Django's CSRF origin rule (``CsrfViewMiddleware``), exactly: a request
+    without ``Origin`` (not from a browser) is allowed; otherwise its
+    ``Origin`` must be the request's own ``scheme://host`` (``request.is_secure()``
+    honours ``SECURE_PROXY_SSL_HEADER``; ``request.get_host()``,
+    ``ALLOWED_HOSTS``), or match ``CSRF_TRUSTED_ORIGINS`` or
+    ``WEBSOCKET_ALLOWED_ORIGINS``. ``ALLOWED_HOSTS`` never widens it: it says
+    which names this site answers to, not which sites may script it.
+    """
+    origin = request.META.get("HTTP_ORIGIN")
+    if origin is None:
+        return True
+    if origin == _own_origin(request):
+        return True
+    if _trusted(origin, getattr(settings, "CSRF_TRUSTED_ORIGINS", [])):
+        return True
+    return _allowed(origin, conf.get("WEBSOCKET_ALLOWED_ORIGINS") or [])

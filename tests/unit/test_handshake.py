@@ -10,47 +10,147 @@ import pytest
 from django.test import RequestFactory, override_settings
 from wsproto.events import BytesMessage, CloseConnection
 
-from dwebsocket.handshake import Handshake, HandshakeError, is_websocket_request, origin_allowed
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dwebsocket.handshake import Handshake, HandshakeError, check_origin, is_websocket_request, origin_allowed
 from dwebsocket.transports.asgi.transport import AsgiOpener
+
+
+def from_origin(origin, host="127.0.0.1:8000", secure=False, **meta):
+    """A handshake to *host* from a page at *origin*."""
+    return RequestFactory().get(
+        "/chat/", HTTP_HOST=host, HTTP_ORIGIN=origin, secure=secure, **meta
+    )
 
 
 @pytest.mark.parametrize(
     ("origin", "allowed"),
     [
-        ("http://127.0.0.1:8000", True),  # ALLOWED_HOSTS, any port and scheme
-        ("https://localhost", True),
+        ("http://127.0.0.1:8000", True),  # the request's own scheme://host
+        ("https://127.0.0.1:8000", False),  # ... scheme included
+        ("http://127.0.0.1:8001", False),  # ... port included
+        ("http://localhost:8000", False),  # in ALLOWED_HOSTS, but another origin
+        ("http://127.0.0.1", False),
         ("https://trusted.example", True),  # CSRF_TRUSTED_ORIGINS
         ("http://trusted.example", False),  # ... scheme included
         ("https://evil.example", False),
         ("https://127.0.0.1.evil.example", False),
         ("null", False),
         ("file://", False),
+        ("http://[::1", False),  # urlsplit raises
     ],
 )
-def test_default_origin_rules_follow_allowed_hosts_and_csrf_trusted_origins(origin, allowed):
-    assert origin_allowed(origin) is allowed
+def test_the_origin_rule_is_djangos_csrf_rule(origin, allowed):
+    assert origin_allowed(from_origin(origin)) is allowed
 
 
-@override_settings(ALLOWED_HOSTS=[], DEBUG=True)
-def test_debug_with_empty_allowed_hosts_allows_localhost_like_django():
-    assert origin_allowed("http://localhost:3000")
-    assert origin_allowed("http://127.0.0.1:8000")
-    assert not origin_allowed("http://example.com")
+def test_no_origin_header_is_allowed():
+    assert origin_allowed(RequestFactory().get("/chat/", HTTP_HOST="127.0.0.1:8000"))
 
 
-@override_settings(WEBSOCKET_ALLOWED_ORIGINS=["https://*.example.com", "app.example.org"])
-def test_explicit_origins_replace_the_default_rules():
-    assert origin_allowed("https://chat.example.com")
-    assert origin_allowed("https://example.com")
-    assert not origin_allowed("http://chat.example.com")
-    assert origin_allowed("http://app.example.org:8080")
-    assert not origin_allowed("http://127.0.0.1:8000")  # ALLOWED_HOSTS no longer counts
+@override_settings(ALLOWED_HOSTS=["*"])
+def test_allowed_hosts_star_does_not_open_the_door_to_every_site():
+    # Cross-site WebSocket hijacking: before, every origin's host passed ALLOWED_HOSTS.
+    assert not origin_allowed(from_origin("https://evil.example", host="app.example.com"))
+    assert origin_allowed(from_origin("http://app.example.com", host="app.example.com"))
+
+
+@override_settings(ALLOWED_HOSTS=[".example.com"])
+def test_a_sibling_subdomain_is_another_origin():
+    assert not origin_allowed(from_origin("https://evil.example.com", host="app.example.com", secure=True))
+    assert origin_allowed(from_origin("https://app.example.com", host="app.example.com", secure=True))
+
+
+@override_settings(ALLOWED_HOSTS=["app.example.com"], SECURE_PROXY_SSL_HEADER=("HTTP_X_FORWARDED_PROTO", "https"))
+def test_behind_a_tls_proxy_the_scheme_comes_from_secure_proxy_ssl_header():
+    https = "https://app.example.com"
+    assert origin_allowed(from_origin(https, host="app.example.com", HTTP_X_FORWARDED_PROTO="https"))
+    assert not origin_allowed(from_origin(https, host="app.example.com"))  # the proxy says http
+
+
+@override_settings(ALLOWED_HOSTS=[])
+def test_a_host_django_refuses_has_no_own_origin():
+    assert not origin_allowed(from_origin("http://app.example.com", host="app.example.com"))
+
+
+@override_settings(DEBUG=True, ALLOWED_HOSTS=[])
+def test_debug_with_empty_allowed_hosts_allows_localhost_pages_like_django():
+    assert origin_allowed(from_origin("http://localhost:3000", host="localhost:3000"))
+    assert not origin_allowed(from_origin("http://localhost:3000", host="localhost:8000"))
+
+
+@override_settings(CSRF_TRUSTED_ORIGINS=["https://*.example.com", "http://exact.example.org"])
+def test_csrf_trusted_origins_wildcards_as_django_reads_them():
+    assert origin_allowed(from_origin("https://chat.example.com"))
+    assert origin_allowed(from_origin("https://a.b.example.com"))
+    assert origin_allowed(from_origin("https://example.com"))
+    assert not origin_allowed(from_origin("http://chat.example.com"))
+    assert not origin_allowed(from_origin("https://chat.example.com:8443"))  # a port must be written
+    assert origin_allowed(from_origin("http://exact.example.org"))
+    assert not origin_allowed(from_origin("http://sub.exact.example.org"))
+
+
+@override_settings(WEBSOCKET_ALLOWED_ORIGINS=["https://*.example.com", "app.example.org", "https://b.example.net/"])
+def test_websocket_allowed_origins_add_to_the_rule():
+    assert origin_allowed(from_origin("https://chat.example.com"))
+    assert origin_allowed(from_origin("https://example.com"))
+    assert not origin_allowed(from_origin("http://chat.example.com"))
+    assert origin_allowed(from_origin("http://app.example.org:8080"))  # a host pattern: any scheme, port
+    assert origin_allowed(from_origin("https://b.example.net"))
+    assert origin_allowed(from_origin("http://127.0.0.1:8000"))  # the site's own origin still counts
+    assert origin_allowed(from_origin("https://trusted.example"))  # and CSRF_TRUSTED_ORIGINS
+    assert not origin_allowed(from_origin("http://localhost:8000"))
 
 
 @override_settings(WEBSOCKET_ALLOWED_ORIGINS=["*"])
 def test_star_allows_every_origin():
-    assert origin_allowed("https://anything.example")
-    assert origin_allowed("null")
+    assert origin_allowed(from_origin("https://anything.example"))
+    assert origin_allowed(from_origin("null"))
+
+
+def test_a_refusal_is_logged_once_naming_the_setting(caplog):
+    with caplog.at_level("WARNING", logger="dwebsocket"), pytest.raises(HandshakeError) as refused:
+        check_origin(from_origin("https://evil.example"))
+    assert refused.value.status == 403 and "ALLOWED_HOSTS" not in refused.value.message
+    [record] = caplog.records
+    assert "'https://evil.example'" in record.getMessage()
+    assert "add its origin to WEBSOCKET_ALLOWED_ORIGINS" in record.getMessage()
+    assert "http://127.0.0.1:8000" in record.getMessage()
+
+
+origins = st.one_of(
+    st.sampled_from(["http://127.0.0.1:8000", "https://127.0.0.1:8000", "https://trusted.example", "null", ""]),
+    st.builds(
+        "{}://{}{}{}".format,
+        st.sampled_from(["http", "https", "ws", "HTTP"]),
+        st.sampled_from(["", "a.", "b.a.", "x"]),
+        st.sampled_from(["example.com", "EXAMPLE.com", "127.0.0.1", "[::1]", "example.com."]),
+        st.sampled_from(["", ":8000", ":443", ":"]),
+    ),
+    st.text(max_size=30),
+)
+trusted_lists = st.lists(
+    st.builds(
+        "{}://{}{}".format,
+        st.sampled_from(["http", "https"]),
+        st.sampled_from(["", "*.", "*", "a."]),
+        st.sampled_from(["example.com", "127.0.0.1:8000", "example.com:8000"]),
+    ),
+    max_size=4,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(origin=origins, trusted=trusted_lists, secure=st.booleans(), host=st.sampled_from(["127.0.0.1:8000", "example.com", "a.example.com", "bad_host"]))
+def test_the_rule_agrees_with_djangos_csrf_middleware(origin, trusted, secure, host):
+    # Differential: Django's own CsrfViewMiddleware._origin_verified is the reference.
+    from django.middleware.csrf import CsrfViewMiddleware
+
+    with override_settings(CSRF_TRUSTED_ORIGINS=trusted, ALLOWED_HOSTS=["127.0.0.1", ".example.com"]):
+        request = from_origin(origin, host=host, secure=secure)
+        expected = CsrfViewMiddleware(lambda r: None)._origin_verified(request)
+        assert origin_allowed(request) is expected
 
 
 # -- the handshake ------------------------------------------------------------

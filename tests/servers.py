@@ -107,6 +107,10 @@ LIMITS = {
     # hides it from the application and fails its own accept, closing the
     # connection without an answer
     "drops_malformed_deflate_offer": {"uvicorn"},
+    # a non-ASCII Sec-WebSocket-Extensions or -Protocol header fails in the
+    # server's own parser (wsproto's), before the application: a traceback in
+    # its log, no answer
+    "fails_on_non_ascii_token_headers": {"uvicorn"},
 }
 
 

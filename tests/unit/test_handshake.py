@@ -141,7 +141,7 @@ trusted_lists = st.lists(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, database=None)
 @given(origin=origins, trusted=trusted_lists, secure=st.booleans(), host=st.sampled_from(["127.0.0.1:8000", "example.com", "a.example.com", "bad_host"]))
 def test_the_rule_agrees_with_djangos_csrf_middleware(origin, trusted, secure, host):
     # Differential: Django's own CsrfViewMiddleware._origin_verified is the reference.

@@ -103,6 +103,14 @@ LIMITS = {
     "no_empty_message": {"daphne"},
     # the server itself drops a connection whose message is over 1 MiB, without a close frame
     "drops_messages_over_1mib": {"daphne"},
+    # a permessage-deflate offer with a parameter that is not a number: the server
+    # hides it from the application and fails its own accept, closing the
+    # connection without an answer
+    "drops_malformed_deflate_offer": {"uvicorn"},
+    # a non-ASCII Sec-WebSocket-Extensions or -Protocol header fails in the
+    # server's own parser (wsproto's), before the application: a traceback in
+    # its log, no answer
+    "fails_on_non_ascii_token_headers": {"uvicorn"},
 }
 
 

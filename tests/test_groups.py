@@ -294,3 +294,27 @@ def test_unreachable_redis_at_start_names_the_setting_and_local_delivery_works()
         log = running.log_text()
         assert f"cannot reach Redis at WEBSOCKET_BROKER = '{url}'" in log
         assert "Traceback" not in log
+
+
+@pytest.mark.servers("gthread", "gevent", "uvicorn")
+def test_text_utf8_cannot_carry_is_refused_at_the_call_and_the_group_goes_on(server):
+    # broadcast("\ud800") and send("\ud800") raise a ValueError that says why,
+    # in the caller; no member's writer ever sees it, and the group keeps working.
+    group = f"bad-text-{time.monotonic_ns()}"
+    with ws_connect(server, f"/group/{group}/") as first, ws_connect(server, f"/group/{group}/") as second:
+        joined(first), joined(second)
+        wait_for(lambda: presence(server, group)["size"] == 2, what="2 members")
+        status, body = server.get(f"/bad-text/broadcast/{group}/")
+        assert (status, body.split(":")[0]) == (400, "refused"), body
+        assert "lone surrogate" in body and "valid Unicode" in body
+        with ws_connect(server, "/bad-text/send/") as lone:
+            answer = lone.recv(timeout=5)
+            assert answer.startswith("refused: ") and "lone surrogate" in answer, answer
+            lone.send("still open")
+            assert lone.recv(timeout=5) == "still open"
+        assert server.get(f"/broadcast/{group}/?m=after&n=3")[0] == 200
+        for client in (first, second):
+            assert [client.recv(timeout=5) for _ in range(3)] == ["after 0", "after 1", "after 2"]
+        first.send("from a member")
+        assert second.recv(timeout=5) == "from a member"
+    wait_for(lambda: presence(server, group)["size"] == 0, what="both members leaving")

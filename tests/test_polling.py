@@ -214,6 +214,20 @@ def test_cross_site_requests_are_refused(polling_server):
     client.close()
 
 
+def test_an_origin_is_allowed_only_by_djangos_csrf_rule_not_by_allowed_hosts(polling_server):
+    # localhost is in ALLOWED_HOSTS, but a page there is another origin than
+    # http://127.0.0.1:port: a cross-site request, refused like a handshake.
+    other = f"http://localhost:{polling_server.port}"
+    assert PollClient(polling_server, "/echo/", origin=other).open()[0] == 403
+    assert PollClient(polling_server, "/echo/", origin="https://trusted.example").open()[0] == 200
+    client = PollClient(polling_server, "/echo/")
+    assert client.open()[0] == 200
+    forged = PollClient(polling_server, "/echo/", origin=other)
+    forged.sid = client.sid
+    assert forged.send("forged") == 403
+    client.close()
+
+
 def test_oversized_post_is_refused_with_413(polling_server):
     client = PollClient(polling_server, "/echo/")
     assert client.open()[0] == 200
@@ -255,8 +269,12 @@ def test_polls_alternate_between_two_processes_through_redis():
     with start_redis() as redis_server:
         env = {"DWS_TEST_BROKER": redis_server.url, "DWS_TEST_POLL_TIMEOUT": "1"}
         with start_server("gthread", env=env) as first, start_server("uvicorn", env=env) as second:
+            # Two ports stand for one site behind a load balancer: the page's
+            # origin is one of CSRF_TRUSTED_ORIGINS (127.0.0.1:first would be
+            # a foreign origin to the second port).
+            site = "https://trusted.example"
             key = uuid.uuid4().hex
-            client = PollClient(first, f"/echo/?id={key}")
+            client = PollClient(first, f"/echo/?id={key}", origin=site)
             assert client.open()[0] == 200  # the view runs in the first process
             for n in range(6):
                 client.server = (first, second)[n % 2]  # alternate every request
@@ -272,7 +290,7 @@ def test_polls_alternate_between_two_processes_through_redis():
 
             with ws_connect(first, "/group/mixed/") as ws:
                 assert ws.recv(timeout=5).startswith("joined ")
-                poller = PollClient(second, "/group/mixed/")
+                poller = PollClient(second, "/group/mixed/", origin=site)
                 assert poller.open()[0] == 200
                 assert poller.receive(1)[0].startswith("joined ")
                 poller.server = first

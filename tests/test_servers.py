@@ -373,12 +373,56 @@ def test_invalid_handshake_gets_400(server):
     assert b"Sec-WebSocket-Key" in received
 
 
+def status_of(received: bytes) -> int:
+    assert received.startswith(b"HTTP/1."), received[:200]
+    return int(received.split(b" ", 2)[1])
+
+
+def test_a_malformed_deflate_offer_is_declined_or_refused_never_a_500(server):
+    # wsproto raised ValueError for client_max_window_bits=abc inside the view's
+    # first use of request.websocket: a 500 with a traceback. RFC 7692 says to
+    # decline the offer (dwebsocket does under WSGI); an ASGI server negotiates
+    # itself, so dwebsocket refuses such an offer with 400 before it accepts.
+    for offer in ("permessage-deflate; client_max_window_bits=abc", "permessage-deflate; server_max_window_bits="):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(handshake_bytes("/echo/", f"Sec-WebSocket-Extensions: {offer}\r\n"))
+            head = sock.recv(65536).partition(b"\r\n\r\n")[0]
+        if limited(server.kind, "drops_malformed_deflate_offer") and head == b"":
+            continue  # the server's own doing; the fixture checks it logged no traceback
+        if server.kind in WSGI_SERVERS or status_of(head) == 101:  # declined (RFC 7692 section 5)
+            assert status_of(head) == 101, head
+            assert b"permessage-deflate" not in head.lower()
+        else:  # refused by dwebsocket (the offer is in the scope) or by the server
+            assert status_of(head) in (400, refused_status(server, 400)), head
+    with ws_connect(server, "/echo/") as ws:  # a good offer still compresses, and the server goes on
+        ws.send("after")
+        assert ws.recv(timeout=5) == "after"
+
+
+@pytest.mark.parametrize("key", ["", "YWJj", "dGhlIHNhbXBsZSBub25jZQ", "!!!!!!!!!!!!!!!!!!!!!!==", "dGhlIHNhbXBsZSBub25jZSE="])
+def test_a_key_that_is_not_16_bytes_of_base64_is_refused_with_400(server, key):
+    # RFC 6455 4.2.1; wsproto (so runserver, gunicorn, and uvicorn's and
+    # hypercorn's wsproto front ends) only checked that the header was there.
+    # (daphne's own validation answers before dwebsocket sees the request.)
+    received = raw_exchange(server, handshake_bytes("/echo/", key=key))
+    assert status_of(received) == 400, received[:300]
+    assert b"Sec-WebSocket-Key" in received
+
+
+@pytest.mark.servers(*WSGI_SERVERS)  # an ASGI server says the version in the scope: tests/unit
+def test_an_http_1_0_handshake_is_refused_with_400(server):
+    received = raw_exchange(server, handshake_bytes("/echo/").replace(b"HTTP/1.1\r\n", b"HTTP/1.0\r\n", 1))
+    assert status_of(received) == 400, received[:300]
+    assert b"HTTP/1.1 or later" in received
+
+
 @pytest.mark.parametrize(
     ("origin", "allowed"),
     [
-        ("http://127.0.0.1:{port}", True),
-        ("http://localhost:8000", True),
-        ("https://trusted.example", True),
+        ("http://127.0.0.1:{port}", True),  # the page's own origin
+        ("http://localhost:{port}", False),  # in ALLOWED_HOSTS, but another origin
+        ("https://127.0.0.1:{port}", False),  # another scheme
+        ("https://trusted.example", True),  # CSRF_TRUSTED_ORIGINS
         ("https://evil.example", False),
         ("null", False),
     ],

@@ -88,6 +88,16 @@ def test_a_foreign_origin_is_refused_as_under_a_server(client):
     assert refused.value.status_code == 403
 
 
+def test_the_origin_rule_is_djangos_as_under_a_server(client):
+    # ALLOWED_HOSTS names this site, not the sites that may script it.
+    with pytest.raises(HandshakeRefused) as refused:
+        client.connect("/seed/echo/", headers={"Origin": "http://localhost"})
+    assert refused.value.status_code == 403
+    with client.connect("/seed/echo/", headers={"Origin": "https://trusted.example"}) as ws:
+        ws.send("ok")
+        assert ws.receive()
+
+
 def test_subprotocol_negotiation(client):
     with client.connect("/subprotocol/", subprotocols=["nope", "chat.v2"]) as ws:
         assert ws.subprotocol == "chat.v2"

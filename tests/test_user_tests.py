@@ -26,4 +26,4 @@ def test_a_testcase_with_the_database_and_logged_in_users():
 def test_the_chat_examples_own_tests():
     done = run_django_tests(["manage.py", "test", "chat"], ROOT / "examples" / "chat", "chatsite.settings")
     assert done.returncode == 0, done.stderr
-    assert "Ran 2 tests" in done.stderr and "\nOK" in done.stderr
+    assert "Ran 3 tests" in done.stderr and "\nOK" in done.stderr

@@ -78,6 +78,20 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error | Warni
             )
         )
 
+    elif origins is not None and "*" in origins:
+        errors.append(
+            Warning(
+                'WEBSOCKET_ALLOWED_ORIGINS contains "*": every web site can open WebSockets '
+                "to this project with its visitors' cookies (cross-site WebSocket hijacking).",
+                hint=(
+                    "List the origins of the pages that may connect, e.g. "
+                    'WEBSOCKET_ALLOWED_ORIGINS = ["https://app.example.com"]; a page of this '
+                    "site itself needs no entry. See docs/security.md."
+                ),
+                id="dwebsocket.W002",
+            )
+        )
+
     middleware = list(getattr(settings, "MIDDLEWARE", None) or [])
     if _MIDDLEWARE not in middleware:
         errors.append(

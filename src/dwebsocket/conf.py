@@ -20,9 +20,10 @@ DEFAULTS: dict[str, Any] = {
     # Accept WebSocket handshakes on every view, decorated or not (the
     # original dwebsocket's name).
     "WEBSOCKET_ACCEPT_ALL": False,
-    # Origins a browser handshake may come from, besides ALLOWED_HOSTS and
-    # CSRF_TRUSTED_ORIGINS: full origins ("https://app.example.com", with "*."
-    # wildcards) or host names; ["*"] allows every origin.
+    # Origins a browser handshake (or polling request) may come from, besides
+    # the request's own scheme://host and CSRF_TRUSTED_ORIGINS: full origins
+    # ("https://app.example.com", with "*." wildcards) or host patterns as in
+    # ALLOWED_HOSTS; ["*"] allows every origin (a system check warns).
     "WEBSOCKET_ALLOWED_ORIGINS": None,
     # The largest message a client may send, in bytes; larger ones close the
     # connection with 1009. None: no limit.

@@ -7,6 +7,10 @@ an ASGI scope); wsproto validates it as a WebSocket handshake and writes the
 
 from __future__ import annotations
 
+import base64
+import binascii
+import logging
+import re
 import zlib
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -14,8 +18,10 @@ from urllib.parse import urlsplit
 
 import wsproto
 from django.conf import settings
+from django.core.exceptions import DisallowedHost
 from django.http import HttpRequest, HttpResponse
-from django.http.request import split_domain_port, validate_host
+from django.http.request import validate_host
+from django.utils.http import is_same_domain
 from wsproto.events import AcceptConnection, RejectConnection, Request
 from wsproto.extensions import Extension, PerMessageDeflate
 from wsproto.frame_protocol import CloseReason
@@ -23,7 +29,16 @@ from wsproto.utilities import RemoteProtocolError
 
 from . import conf
 
-__all__ = ["Handshake", "HandshakeError", "check_origin", "is_websocket_request", "origin_allowed"]
+logger = logging.getLogger("dwebsocket")
+
+__all__ = [
+    "Handshake",
+    "HandshakeError",
+    "check_origin",
+    "check_server_handshake",
+    "is_websocket_request",
+    "origin_allowed",
+]
 
 
 class HandshakeError(Exception):
@@ -68,6 +83,9 @@ class Handshake:
 
     def __init__(self, request: HttpRequest) -> None:
         check_origin(request)
+        _check_version(request.META.get("SERVER_PROTOCOL"))
+        _check_ascii(request)
+        _check_key(request)
         self.connection = wsproto.WSConnection(wsproto.ConnectionType.SERVER)
         try:
             self.connection.receive_data(_request_bytes(request))
@@ -107,6 +125,107 @@ class Handshake:
         )
 
 
+_HTTP_VERSION = re.compile(r"(?:HTTP/)?(\d+)(?:\.(\d+))?", re.IGNORECASE)
+
+
+def _check_version(version: str | None) -> None:
+    """400 unless *version* ("HTTP/1.1", or an ASGI scope's "1.1") is HTTP/1.1 or later.
+
+    RFC 6455 section 4.1: the handshake is an HTTP/1.1 request (or, RFC 8441,
+    one over HTTP/2). An HTTP/1.0 client cannot keep the connection for the
+    protocol switch. ``None`` (a server that does not say) is let through.
+    """
+    if version is None:
+        return
+    match = _HTTP_VERSION.fullmatch(version.strip())
+    if match is None or (int(match.group(1)), int(match.group(2) or 0)) < (1, 1):
+        raise HandshakeError(
+            400, f"Invalid WebSocket handshake: it needs HTTP/1.1 or later; this request is {version!r}."
+        )
+
+
+_TOKEN_HEADERS = ("HTTP_UPGRADE", "HTTP_CONNECTION", "HTTP_SEC_WEBSOCKET_PROTOCOL", "HTTP_SEC_WEBSOCKET_EXTENSIONS")
+
+
+def _check_ascii(request: HttpRequest) -> None:
+    """400 for a handshake header wsproto reads as tokens that is not ASCII.
+
+    wsproto decodes them as ASCII and would raise ``UnicodeDecodeError`` (a 500).
+    """
+    for key in _TOKEN_HEADERS:
+        value = request.META.get(key)
+        if value is not None and not value.isascii():
+            name = "-".join(part.capitalize() for part in key[5:].split("_")).replace("Websocket", "WebSocket")
+            raise HandshakeError(400, f"Invalid WebSocket handshake: {name} is not ASCII.")
+
+
+def _check_key(request: HttpRequest) -> None:
+    """400 unless ``Sec-WebSocket-Key`` is base64 of 16 bytes (RFC 6455 section 4.2.1).
+
+    wsproto only checks that the header is there; an empty or short key would
+    get a ``101`` a conforming client rejects anyway.
+    """
+    key = request.META.get("HTTP_SEC_WEBSOCKET_KEY")
+    if key is None:
+        return  # wsproto refuses a missing key, naming the header
+    try:
+        valid = len(base64.b64decode(key.strip(), validate=True)) == 16
+    except (binascii.Error, ValueError):
+        valid = False
+    if not valid:
+        raise HandshakeError(
+            400,
+            f"Invalid WebSocket handshake: Sec-WebSocket-Key must be 16 random bytes in base64 "
+            f"(24 characters); it is {key[:40]!r}.",
+        )
+
+
+def _deflate_offer_ok(offer: str) -> bool:
+    """Whether wsproto can read a ``permessage-deflate`` *offer* (its numbers are numbers).
+
+    RFC 7692 section 5: a server declines an offer with a parameter value it
+    cannot accept; wsproto raises ``ValueError`` instead for one that is not
+    an integer (``client_max_window_bits=abc``). Tried on an extension of its
+    own, so that a bad offer leaves nothing behind on the one in use.
+    """
+    try:
+        PerMessageDeflate().accept(offer)
+    except ValueError:
+        return False
+    return True
+
+
+def _bad_deflate_offers(request: HttpRequest) -> list[str]:
+    header = request.META.get("HTTP_SEC_WEBSOCKET_EXTENSIONS", "")
+    offers = [offer.strip() for offer in header.split(",")]  # as wsproto splits them
+    return [
+        offer for offer in offers
+        if offer.split(";", 1)[0].strip() == PerMessageDeflate.name and not _deflate_offer_ok(offer)
+    ]
+
+
+def check_server_handshake(request: HttpRequest, http_version: str | None) -> None:
+    """What dwebsocket checks of a handshake an ASGI server validated and answers itself.
+
+    The origin; the HTTP version (*http_version*, as the ASGI scope says it);
+    for HTTP/1.x, the ``Sec-WebSocket-Key`` (some servers only check that it is
+    there); and the ``permessage-deflate`` offers, which the server negotiates
+    itself: one it cannot read would fail inside the server's accept, so it is
+    refused with 400 before the view runs.
+    """
+    check_origin(request)
+    _check_version(http_version)
+    if http_version is None or http_version.strip().startswith("1"):
+        if request.META.get("HTTP_SEC_WEBSOCKET_KEY") is None:
+            raise HandshakeError(400, "Invalid WebSocket handshake: missing header, 'Sec-WebSocket-Key'.")
+        _check_key(request)
+    bad = _bad_deflate_offers(request)
+    if bad:
+        raise HandshakeError(
+            400, f"Invalid WebSocket handshake: malformed permessage-deflate offer {bad[0][:100]!r}."
+        )
+
+
 class _BoundedDeflate(PerMessageDeflate):
     """permessage-deflate that stops inflating a message at the size limit.
 
@@ -121,6 +240,12 @@ class _BoundedDeflate(PerMessageDeflate):
         super().__init__()
         self._max_message_size = max_message_size
         self._inflated = 0  # of the message being received; owned by the reader
+
+    def accept(self, offer: str) -> bool | None | str:
+        """Accept *offer*, or decline it (``None``) if its parameters cannot be read."""
+        if not _deflate_offer_ok(offer):
+            return None
+        return super().accept(offer)
 
     def frame_inbound_payload_data(self, proto: Any, data: bytes) -> bytes | CloseReason:
         limit = self._max_message_size
@@ -150,60 +275,104 @@ class _BoundedDeflate(PerMessageDeflate):
 
 
 def check_origin(request: HttpRequest) -> None:
-    """Raise :class:`HandshakeError` (403) for a browser handshake from a foreign origin."""
-    origin = request.META.get("HTTP_ORIGIN")
-    if origin is not None and not origin_allowed(origin):
-        raise HandshakeError(
-            403,
-            f"WebSocket connections from origin {origin!r} are not allowed. Add it to "
-            "ALLOWED_HOSTS, CSRF_TRUSTED_ORIGINS or WEBSOCKET_ALLOWED_ORIGINS.",
-        )
+    """Raise :class:`HandshakeError` (403) for a browser request from a foreign origin.
 
-
-def _debug_hosts() -> list[str]:
-    hosts = list(settings.ALLOWED_HOSTS)
-    if settings.DEBUG and not hosts:
-        # The hosts Django itself allows when DEBUG is on and ALLOWED_HOSTS is empty.
-        hosts = [".localhost", "127.0.0.1", "[::1]"]
-    return hosts
-
-
-def _origin_matches(origin: str, patterns: Iterable[str]) -> bool:
-    """Match a full origin against origins ("https://*.example.com") or host patterns."""
-    parts = urlsplit(origin)
-    for pattern in patterns:
-        if pattern == "*":
-            return True
-        if "://" not in pattern:
-            if parts.hostname and validate_host(parts.hostname, [pattern]):
-                return True
-            continue
-        wanted = urlsplit(pattern)
-        if wanted.scheme != parts.scheme:
-            continue
-        if wanted.netloc.startswith("*."):
-            suffix = wanted.netloc[1:]
-            if parts.netloc.endswith(suffix) or parts.netloc == suffix[1:]:
-                return True
-        elif wanted.netloc == parts.netloc:
-            return True
-    return False
-
-
-def origin_allowed(origin: str) -> bool:
-    """Whether a browser at *origin* may open a WebSocket to this project.
-
-    Allowed are origins listed in ``WEBSOCKET_ALLOWED_ORIGINS`` (when set, it is
-    the whole list), else origins whose host is in ``ALLOWED_HOSTS`` or that are
-    listed in ``CSRF_TRUSTED_ORIGINS`` -- the same rules Django applies to forms.
+    Used for WebSocket handshakes on every server and for every long-polling
+    request; see :func:`origin_allowed` for the rule. The refusal is logged
+    once, naming the setting that would allow the origin.
     """
-    explicit = conf.get("WEBSOCKET_ALLOWED_ORIGINS")
-    if explicit is not None:
-        return _origin_matches(origin, explicit)
-    parts = urlsplit(origin)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        return False
-    domain, _port = split_domain_port(parts.netloc)
-    if domain and validate_host(domain, _debug_hosts()):
+    origin = request.META.get("HTTP_ORIGIN")
+    if origin is None or origin_allowed(request):
+        return
+    logger.warning(
+        "dwebsocket: refused a WebSocket request to %s from origin %r: not this site's own "
+        "origin (%s), nor in CSRF_TRUSTED_ORIGINS or WEBSOCKET_ALLOWED_ORIGINS. If that page "
+        "may connect, add its origin to WEBSOCKET_ALLOWED_ORIGINS; behind a proxy that "
+        "terminates TLS, set SECURE_PROXY_SSL_HEADER (see docs/security.md).",
+        request.path, origin[:200], _own_origin(request) or "its Host is not in ALLOWED_HOSTS",
+    )
+    raise HandshakeError(
+        403,
+        f"WebSocket connections from origin {origin[:200]!r} are not allowed. Add it to "
+        "WEBSOCKET_ALLOWED_ORIGINS (or CSRF_TRUSTED_ORIGINS).",
+    )
+
+
+def _own_origin(request: HttpRequest) -> str | None:
+    """``scheme://host`` of *request* itself, as Django's CSRF check builds it; None for a bad Host."""
+    try:
+        host = request.get_host()  # ALLOWED_HOSTS, USE_X_FORWARDED_HOST
+    except DisallowedHost:
+        return None
+    return f"{'https' if request.is_secure() else 'http'}://{host}"  # SECURE_PROXY_SSL_HEADER
+
+
+def _trusted(origin: str, trusted: Iterable[str]) -> bool:
+    """Whether *origin* matches ``CSRF_TRUSTED_ORIGINS`` as Django's ``CsrfViewMiddleware`` matches it.
+
+    Exact origins (``"https://app.example.com"``) must be equal; an origin with
+    ``*`` (``"https://*.example.com"``) allows that scheme and the domain or any
+    subdomain of it (``django.utils.http.is_same_domain``), any port only if written.
+    """
+    patterns = list(trusted)
+    if origin in {pattern for pattern in patterns if "*" not in pattern}:
         return True
-    return _origin_matches(origin, getattr(settings, "CSRF_TRUSTED_ORIGINS", []))
+    try:
+        parts = urlsplit(origin)
+    except ValueError:
+        return False
+    return any(
+        is_same_domain(parts.netloc, wanted.netloc.lstrip("*"))
+        for wanted in (urlsplit(pattern) for pattern in patterns if "*" in pattern)
+        if wanted.scheme == parts.scheme
+    )
+
+
+def _allowed(origin: str, patterns: Iterable[str]) -> bool:
+    """Whether *origin* matches ``WEBSOCKET_ALLOWED_ORIGINS``.
+
+    Full origins match as in ``CSRF_TRUSTED_ORIGINS`` (``"https://*.example.com"``
+    wildcards included); a pattern without a scheme is a host pattern as in
+    ``ALLOWED_HOSTS`` (``"example.com"``, ``".example.com"``), for any scheme
+    and port; ``"*"`` allows every origin.
+    """
+    patterns = list(patterns)
+    if "*" in patterns:
+        return True
+    try:
+        hostname = urlsplit(origin).hostname
+    except ValueError:
+        return False
+    hosts = [pattern for pattern in patterns if "://" not in pattern]
+    if hostname and hosts and validate_host(hostname, hosts):
+        return True
+    full = []
+    for pattern in patterns:
+        if "://" in pattern:
+            try:
+                parts = urlsplit(pattern)
+            except ValueError:
+                continue
+            full.append(f"{parts.scheme}://{parts.netloc}")  # "https://a.example/" too
+    return _trusted(origin, full)
+
+
+def origin_allowed(request: HttpRequest) -> bool:
+    """Whether the browser page that sent *request* may use this project's WebSockets.
+
+    Django's CSRF origin rule (``CsrfViewMiddleware``), exactly: a request
+    without ``Origin`` (not from a browser) is allowed; otherwise its
+    ``Origin`` must be the request's own ``scheme://host`` (``request.is_secure()``
+    honours ``SECURE_PROXY_SSL_HEADER``; ``request.get_host()``,
+    ``ALLOWED_HOSTS``), or match ``CSRF_TRUSTED_ORIGINS`` or
+    ``WEBSOCKET_ALLOWED_ORIGINS``. ``ALLOWED_HOSTS`` never widens it: it says
+    which names this site answers to, not which sites may script it.
+    """
+    origin = request.META.get("HTTP_ORIGIN")
+    if origin is None:
+        return True
+    if origin == _own_origin(request):
+        return True
+    if _trusted(origin, getattr(settings, "CSRF_TRUSTED_ORIGINS", [])):
+        return True
+    return _allowed(origin, conf.get("WEBSOCKET_ALLOWED_ORIGINS") or [])

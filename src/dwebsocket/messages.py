@@ -11,7 +11,7 @@ from typing import Union
 
 from wsproto.frame_protocol import FrameProtocol
 
-__all__ = ["Frame", "Message", "check_close_code", "check_message", "message_size"]
+__all__ = ["Frame", "Message", "check_close_code", "check_message", "message_size", "unencodable"]
 
 #: What a WebSocket message is: ``str`` for a text frame, ``bytes`` for a binary one.
 Message = Union[str, bytes]
@@ -27,19 +27,47 @@ def check_close_code(code: int, reason: str) -> None:
             f"{code} is not a close code a server may send; use 1000 (normal), "
             "1001 (going away), 1008 (policy), 1011 (error) or an application code 3000-4999."
         )
-    if len(reason.encode("utf-8")) > 123:
+    try:
+        encoded = reason.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(unencodable(reason, exc, "A close reason")) from None
+    if len(encoded) > 123:
         raise ValueError("A close reason must fit in 123 bytes of UTF-8.")
 
 
 def check_message(message: object) -> Message:
-    """Return *message* as ``str`` or ``bytes``, or raise ``TypeError`` naming the fix."""
-    if isinstance(message, (str, bytes)):
+    """Return *message* as ``str`` or ``bytes``, or raise an error naming the fix.
+
+    ``TypeError`` for anything else than text or bytes; ``ValueError`` for a
+    ``str`` that UTF-8 cannot encode (a lone surrogate such as ``"\\ud800"``,
+    which ``surrogateescape`` decoding or JSON's ``"\\ud800"`` escapes make):
+    a text frame is UTF-8 on the wire, so such a message could only fail later,
+    in the thread that writes it, far from the call that made it.
+    """
+    if isinstance(message, bytes):
+        return message
+    if isinstance(message, str):
+        if not message.isascii():  # isascii() is O(1); encoding is the only full check
+            try:
+                message.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ValueError(unencodable(message, exc)) from None
         return message
     if isinstance(message, (bytearray, memoryview)):
         return bytes(message)
     raise TypeError(
         f"send() takes str (a text frame) or bytes (a binary frame), not "
         f"{type(message).__name__}; for JSON, send json.dumps(data)."
+    )
+
+
+def unencodable(text: str, exc: UnicodeEncodeError, what: str = "A text message") -> str:
+    """Why *text* cannot be sent as *what* (UTF-8 failed with *exc*), and what to do instead."""
+    bad = text[exc.start : exc.end]
+    return (
+        f"{what} must be valid Unicode: this str has {bad!r} at position {exc.start}, "
+        "a lone surrogate that UTF-8 cannot encode. Fix the text (decode bytes with "
+        "errors='replace'), or send bytes for a binary frame."
     )
 
 

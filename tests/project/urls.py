@@ -44,5 +44,7 @@ urlpatterns = [
     path("async-group/<str:name>/", views.async_group_chat),
     path("presence/<str:name>/", views.presence),
     path("broadcast/<str:name>/", views.http_broadcast),
+    path("bad-text/broadcast/<str:name>/", views.bad_text_broadcast),
+    path("bad-text/send/", views.bad_text_send),
 ]
 urlpatterns += staticfiles_urlpatterns()  # dwebsocket.js, for the browser tests

@@ -369,3 +369,29 @@ def http_broadcast(request, name):
     for index in range(count):
         broadcast(name, f"{request.GET.get('m', 'msg')} {index} {padding}".rstrip())
     return HttpResponse(f"sent {count}")
+
+
+# -- text that UTF-8 cannot carry -----------------------------------------------------
+
+
+def bad_text_broadcast(request, name):
+    """Broadcasts a lone surrogate to group *name* and reports what the call said."""
+    try:
+        broadcast(name, "\ud800")
+    except (TypeError, ValueError) as exc:
+        return HttpResponse(f"refused: {exc}", status=400)
+    return HttpResponse("sent")
+
+
+@require_websocket
+def bad_text_send(request):
+    """Tries to send a lone surrogate, reports what send() said, then echoes."""
+    ws = request.websocket
+    try:
+        ws.send("\ud800")
+    except (TypeError, ValueError) as exc:
+        ws.send(f"refused: {exc}")
+    else:
+        ws.send("sent")
+    for message in ws:
+        ws.send(message)

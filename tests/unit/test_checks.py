@@ -51,6 +51,15 @@ def test_allowed_origins_must_be_a_list_of_strings():
         assert [m[0] for m in dwebsocket_messages()] == ["dwebsocket.E002"]
 
 
+def test_allowed_origins_with_a_star_is_a_warning_that_names_the_risk():
+    with override_settings(WEBSOCKET_ALLOWED_ORIGINS=["https://app.example.com", "*"]):
+        messages = dwebsocket_messages()
+    assert [m[0] for m in messages] == ["dwebsocket.W002"]
+    assert "every web site" in messages[0][1]
+    with override_settings(WEBSOCKET_ALLOWED_ORIGINS=["https://app.example.com"]):
+        assert dwebsocket_messages() == []
+
+
 def test_missing_middleware_is_a_warning():
     from django.conf import settings
 

@@ -27,3 +27,20 @@ def test_redis_wire_format_round_trips():
         assert decode(encode(message, exclude)) == (message, exclude, "", False, 0)
         assert decode(encode(message, exclude, "origin\n", True, 7)) == (message, exclude, "origin\n", True, 7)
 
+
+
+def test_a_message_that_is_no_message_never_reaches_the_members(caplog):
+    # broadcast() refuses it at the call; one that comes another way (a
+    # broker's listener thread) is skipped with a warning, never raised there.
+    from dwebsocket.groups import registry
+
+    connection = Connection()
+    offered = []
+    connection._link.opened(type("T", (), {"offer": lambda self, frame: offered.append(frame) or True})())
+    wait_join(join(connection._link, "units-bad-text"))
+    with caplog.at_level("WARNING", logger="dwebsocket"):
+        assert registry.deliver("units-bad-text", "\ud800", None) == 0
+    assert "skipped a broadcast to group 'units-bad-text'" in caplog.text and "lone surrogate" in caplog.text
+    assert registry.deliver("units-bad-text", "fine", None) == 1
+    assert [frame.message for frame in offered] == ["fine"]
+    connection._link.closed_with(1006)

@@ -37,3 +37,18 @@ def test_check_message_takes_str_and_bytes_like_and_names_the_fix():
     with pytest.raises(TypeError, match="json.dumps"):
         check_message(1)
 
+
+
+@pytest.mark.parametrize("text", ["\ud800", "ok \udfff", "é\ud83d", "\udcff" * 3])
+def test_text_that_utf8_cannot_encode_is_refused_at_the_call_naming_the_fix(text):
+    # A lone surrogate (from surrogateescape decoding, or a JSON "\ud800" escape)
+    # passed the check before and failed later, in the thread writing it.
+    with pytest.raises(ValueError, match="lone surrogate") as refused:
+        check_message(text)
+    assert "valid Unicode" in str(refused.value) and "send bytes" in str(refused.value)
+    assert check_message("\ud83d\ude00".encode("utf-16", "surrogatepass").decode("utf-16")) == "😀"
+
+
+def test_a_close_reason_that_utf8_cannot_encode_is_refused():
+    with pytest.raises(ValueError, match="A close reason must be valid Unicode"):
+        check_close_code(1000, "bye \ud800")

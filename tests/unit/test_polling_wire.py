@@ -94,6 +94,9 @@ def test_a_send_body_gives_its_messages_in_order():
         (b'{"messages": [{"text": "a"}, {"text": 2}]}', 'a message is {"text": str} or {"binary": base64}'),
         (b'{"messages": [{"text": "a"}, "b"]}', 'a message is {"text": str} or {"binary": base64}'),
         (b'{"messages": [{"binary": "***"}]}', "bad base64 in a binary message"),
+        # JSON escapes a browser never writes for text, which would be lone surrogates
+        (b'{"messages": [{"text": "\\ud800"}]}', "lone surrogate"),
+        (b'{"messages": [{"text": "a"}, {"text": "x\\udc00y"}]}', "lone surrogate"),
     ],
     ids=repr,
 )
@@ -127,6 +130,7 @@ def test_a_close_body_without_code_or_reason_is_a_normal_close():
         (b'{"code": null}', "the code is not an integer: None"),
         (b'{"code": [1000]}', "the code is not an integer: [1000]"),
         (b'{"code": 1e400}', "the code is not an integer: inf"),
+        (b'{"code": 1000, "reason": "\\ud800"}', "The reason must be valid Unicode"),
     ],
     ids=repr,
 )

@@ -19,6 +19,10 @@ class ChatTests(TestCase):
         response = self.client.get("/ws/chat/")
         self.assertContains(response, "<h1>Simple Chat</h1>")
 
+    def test_the_root_redirects_to_the_chat_keeping_the_name(self):
+        self.assertRedirects(self.client.get("/?name=alice"), "/ws/chat/?name=alice", fetch_redirect_response=False)
+        self.assertRedirects(self.client.get("/"), "/ws/chat/", fetch_redirect_response=False)
+
     def test_two_people_chat(self):
         with WebSocketClient().connect("/ws/chat/", {"name": "alice"}) as alice:
             self.assertEqual(next_of_type(alice, "presence")["members"], 1)

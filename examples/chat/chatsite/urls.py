@@ -5,7 +5,8 @@ from django.views.generic import RedirectView
 from chat import views as chat_views
 
 urlpatterns = [
-    path("", RedirectView.as_view(url="/ws/chat/")),
+    # query_string=True keeps ?name=alice: the page reads its name from it.
+    path("", RedirectView.as_view(url="/ws/chat/", query_string=True)),
     # The page and its WebSocket share this URL (@accept_websocket).
     path("ws/chat/", chat_views.chat_view, name="chat-view"),
 ]

@@ -6,11 +6,14 @@ A leaf of the groups layer: it knows connections only through their
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 
 from ..connection import Link
-from ..messages import Frame, Message
+from ..messages import Frame, Message, check_message
+
+logger = logging.getLogger("dwebsocket")
 
 __all__ = ["Member", "Registry"]
 
@@ -92,8 +95,18 @@ class Registry:
             return list(self._members)
 
     def deliver(self, group: str, message: Message, exclude: str | None) -> int:
-        """Offer *message* to this process's members of *group*; returns how many took it."""
-        frame = Frame(message)
+        """Offer *message* to this process's members of *group*; returns how many took it.
+
+        :func:`~dwebsocket.groups.broadcast` checks messages at the call; one
+        that is not a message anyway (from a broker, say) is skipped with a
+        warning here, so that it never reaches the thread that delivers (a
+        broker's listener) or a member's writer.
+        """
+        try:
+            frame = Frame(check_message(message))
+        except (TypeError, ValueError) as exc:
+            logger.warning("dwebsocket: skipped a broadcast to group %r: %s", group, exc)
+            return 0
         count = 0
         try:
             for member in self.local(group):

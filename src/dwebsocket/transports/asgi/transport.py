@@ -18,7 +18,7 @@ from django.http import HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
 
 from ...connection import Link, wake_future
-from ...handshake import check_origin
+from ...handshake import check_server_handshake
 from ...messages import Frame, Message
 from ..policy import OVERFLOW_CLOSE, offer_verdict, too_big
 
@@ -369,11 +369,16 @@ class AsgiOpener:
         self._loop = loop
         self.offered_subprotocols: list[str] = list(scope.get("subprotocols") or [])
         self.accepted = False  # set on the loop, read after the view returned
+        # Set on the loop once websocket.accept was sent, even if the server
+        # raised: after that the handshake can no longer be refused with HTTP.
+        self.answered = False
 
     def prepare(self, request: HttpRequest) -> None:
-        check_origin(request)  # the server validated the rest of the handshake
+        # The server validated the rest of the handshake, and negotiates the extensions.
+        check_server_handshake(request, self._scope.get("http_version"))
 
     async def aopen(self, link: Link, subprotocol: str | None) -> AsgiTransport | None:
+        self.answered = True
         try:
             await self._send({"type": "websocket.accept", "subprotocol": subprotocol, "headers": []})
         except Exception:
@@ -397,7 +402,13 @@ class AsgiOpener:
         return asyncio.run_coroutine_threadsafe(self.afinish(transport), self._loop).result()
 
     async def deny(self, response: HttpResponseBase) -> None:
-        """Send *response* as the answer to a handshake that was never accepted."""
+        """Send *response* as the answer to a handshake that was never accepted.
+
+        Nothing is sent once ``websocket.accept`` was tried and the server
+        raised: the server then ends the connection itself.
+        """
+        if self.answered:
+            return
         if "websocket.http.response" in (self._scope.get("extensions") or {}):
             headers = [(k.encode("ascii"), v.encode("latin1")) for k, v in response.items()]
             for cookie in response.cookies.values():

@@ -27,7 +27,7 @@ import json
 from dataclasses import dataclass
 from typing import TypedDict, Union
 
-from ...messages import Message
+from ...messages import Message, check_message, unencodable
 
 __all__ = [
     "ACTIONS",
@@ -124,7 +124,12 @@ def decode(item: object) -> Message:
     if isinstance(item, dict):
         text = item.get("text")
         if isinstance(text, str):
-            return text
+            # JSON's "\\ud800" escapes decode to lone surrogates, which are not
+            # Unicode text: a WebSocket client's invalid UTF-8 closes with 1007.
+            try:
+                return check_message(text)
+            except ValueError as exc:
+                raise WireError(str(exc)) from None
         data = item.get("binary")
         if isinstance(data, str):
             try:
@@ -175,9 +180,14 @@ def parse_close(body: bytes) -> Close:
     try:
         data = _json_object(body)
         code, reason = data.get("code", 1000), data.get("reason", "")
+        reason = str(reason)
+        try:
+            reason.encode("utf-8")  # Unicode text, as in a close frame
+        except UnicodeEncodeError as exc:
+            raise WireError(unencodable(reason, exc, "The reason")) from None
         if isinstance(code, (int, float, str)):
             try:
-                return Close(int(code), str(reason))
+                return Close(int(code), reason)
             except (ValueError, OverflowError):
                 pass
         raise WireError(f"the code is not an integer: {code!r:.50}")

@@ -9,6 +9,8 @@
 #   scripts/bench.sh fanout --configs redis,channels-redis     # 2 processes sharing a redis-server
 #   scripts/bench.sh echo                       # python -m bench.echo: round trips, vs flask-sock and Channels
 #   scripts/bench.sh echo --clients 50 --duration 5
+#   scripts/bench.sh idle --members 10000          # python -m bench.idle: 10,000 idle connections in one process:
+#                                               # KiB each, idle CPU, and whether all still answer a broadcast
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/_python.sh

@@ -11,4 +11,5 @@ urlpatterns = [
     path("fanout/channels/", views.channels_fanout),
     path("echo/sync/", views.echo_sync),
     path("echo/async/", views.echo_async),
+    path("debug/memory/", views.memory),
 ]

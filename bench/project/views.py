@@ -101,3 +101,28 @@ class Echo(AsyncWebsocketConsumer):
 
     async def receive(self, text_data=None, bytes_data=None):
         await self.send(text_data=text_data, bytes_data=bytes_data)
+
+
+_baseline = []  # the first snapshot taken by memory(): what later ones are compared with
+
+
+def memory(request):
+    """Where the memory went since the first call (only with PYTHONTRACEMALLOC set): top allocation sites.
+
+    GET /debug/memory/ once before the connections open, once after; the
+    second answer lists the lines that allocated the difference, biggest first.
+    """
+    import tracemalloc
+
+    if not tracemalloc.is_tracing():
+        return HttpResponse("start the server with PYTHONTRACEMALLOC=10\n", status=404, content_type="text/plain")
+    snapshot = tracemalloc.take_snapshot()
+    if not _baseline:
+        _baseline.append(snapshot)
+        return HttpResponse("baseline taken\n", content_type="text/plain")
+    key = request.GET.get("by", "lineno")
+    stats = snapshot.compare_to(_baseline[0], key)[: int(request.GET.get("top", "40"))]
+    lines = [f"{s.size_diff / 1024:10.1f} KiB {s.count_diff:8d} "
+             + " < ".join(f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno}" for f in list(s.traceback)[::-1][:8])
+             for s in stats]
+    return HttpResponse("\n".join(lines) + "\n", content_type="text/plain")

@@ -28,7 +28,7 @@ def open_transport(limits: Limits) -> tuple[SocketTransport, socket.socket, Conn
     handshake = Handshake(request)
     handshake.accept(None, compression=False)
     connection = Connection(limits)
-    transport = SocketTransport(server, handshake.connection, connection._link)
+    transport = SocketTransport(server, handshake.connection.connection, connection._link)
     connection._link.opened(transport)
     transport.start()
     return transport, client, connection

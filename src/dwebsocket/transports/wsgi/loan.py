@@ -137,7 +137,10 @@ class WsgiOpener:
         except OSError:
             return None
         compressed = b"permessage-deflate" in answer.lower()
-        transport = SocketTransport(sock, self._handshake.connection, link, compressed)
+        protocol = self._handshake.connection.connection  # past the handshake: frames only
+        assert protocol is not None
+        self._handshake = None  # its HTTP parser and request copy are not needed any more
+        transport = SocketTransport(sock, protocol, link, compressed)
         link.opened(transport, transport.pump)
         transport.start()
         return transport

@@ -44,7 +44,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-import wsproto
+from wsproto.connection import Connection as Protocol
 from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping, Pong, TextMessage
 
@@ -70,7 +70,7 @@ class SocketTransport:
     def __init__(
         self,
         sock: socket.socket,
-        protocol: wsproto.WSConnection,
+        protocol: Protocol,
         link: Link,
         compressed: bool = False,
     ) -> None:
@@ -111,7 +111,6 @@ class SocketTransport:
         # Set once by the hub, before it shuts the socket down.
         self._expired: tuple[int, str] | None = None
         self.tick = _tick(limits)
-        self._shutdown_lock = threading.Lock()
         self._is_shut_down = False
         self._reader = None if self._on_demand else threading.Thread(
             target=self._read_loop, name="dwebsocket-reader", daemon=True
@@ -294,10 +293,10 @@ class SocketTransport:
     def _shutdown(self) -> None:
         """Shut the socket down once; its file descriptor stays the server's to close."""
         self._outbox.close()
-        with self._shutdown_lock:
-            if self._is_shut_down:
-                return
-            self._is_shut_down = True
+        if self._is_shut_down:
+            return
+        # Unlocked: two threads may both get here, and a second shutdown() is harmless.
+        self._is_shut_down = True
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:

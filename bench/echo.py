@@ -15,6 +15,7 @@ Configurations, all on 127.0.0.1:
 - dwebsocket, async view (``async for message in ws: await ws.send``), uvicorn ``--ws wsproto``
 - Django Channels, an ``AsyncWebsocketConsumer`` echo, uvicorn ``--ws wsproto``
 - dwebsocket, the same sync view under uvicorn (a thread per connection)
+- a bare ASGI app (bench/asgi_echo.py) that sends back each `receive()`, on the same uvicorn: the ceiling
 
 gunicorn gets ``--threads`` = clients + 16 (a connection holds a thread).
 Every server is started once; the rounds then go round the configurations in
@@ -77,10 +78,12 @@ CONFIGS = [
     Config("channels", "Channels", "AsyncWebsocketConsumer", "uvicorn", "echo-uvicorn", "/echo/channels/",
            env={"BENCH_STACK": "channels"}),
     Config("dws-uvicorn-sync", "dwebsocket", "sync view", "uvicorn", "echo-uvicorn", "/echo/sync/"),
+    Config("asgi", "bare ASGI app", "`await send` of each `receive()`", "uvicorn", "echo-asgi", "/"),
 ]
 RATIOS = [
     ("dwebsocket gthread / flask-sock gthread", "dws-gthread", "flask-sock"),
     ("dwebsocket uvicorn async / Channels uvicorn", "dws-uvicorn-async", "channels"),
+    ("dwebsocket uvicorn async / bare ASGI uvicorn", "dws-uvicorn-async", "asgi"),
 ]
 
 
@@ -98,6 +101,7 @@ def register_servers(threads: int, server_cpu: int | None) -> None:
     # The tests' uvicorn, on asyncio's loop even though the bench venv has uvloop (for bench/fanout.py's client).
     uvicorn = SERVERS["uvicorn"]
     SERVERS["echo-uvicorn"] = lambda port, p: [*pinned, *uvicorn(port, p), "--loop", "asyncio"]
+    SERVERS["echo-asgi"] = lambda port, p: [*pinned, *uvicorn(port, p)[:-1], "--loop", "asyncio", "bench.asgi_echo:app"]
     PROJECTS["flask-echo"] = Project("bench/flask_echo.py", "bench.flask_echo:app", ROOT, "bench.project.settings")
 
 

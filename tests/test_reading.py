@@ -15,6 +15,7 @@ import time
 import uuid
 
 import pytest
+from websockets.exceptions import ConnectionClosed
 
 from .client import result, ws_connect
 from .servers import start_server
@@ -72,6 +73,21 @@ def test_a_busy_view_still_answers_pings_and_gets_every_message(server, first):
         for n in range(100):
             ws.send(f"m{n}")
         assert [ws.recv(timeout=10) for _ in range(100)] == [f"m{n}" for n in range(100)]
+
+
+def test_a_view_that_returns_with_messages_unread_closes_at_once(server):
+    # The messages the view left in its queue must not keep the server from
+    # reading the client's answer to its close frame (WEBSOCKET_CLOSE_TIMEOUT
+    # is 2 s in the tests' settings: waiting it out would take that long).
+    with ws_connect(server, "/leaves-unread/") as ws:
+        assert ws.recv(timeout=5) == "ready"
+        started = time.monotonic()
+        for n in range(200):
+            ws.send(f"unread {n}")
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=10)
+        assert time.monotonic() - started < 1.5
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1000
 
 
 @pytest.mark.parametrize("kind", ["runserver", "gthread", "gevent"])

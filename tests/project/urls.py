@@ -36,6 +36,7 @@ urlpatterns = [
     path("sleepy-echo/", views.sleepy_echo),
     path("ignores/", views.ignores),
     path("busy-echo/", views.busy_echo),
+    path("leaves-unread/", views.leaves_unread),
     path("late-accept/", views.late_accept),
     path("stalled-handshake/", views.stalled_handshake),
     path("client/", views.client_page),

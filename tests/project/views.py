@@ -282,6 +282,14 @@ def ignores(request):
 
 
 @require_websocket
+def leaves_unread(request):
+    """Returns soon after the client starts sending, its messages unread."""
+    ws = request.websocket
+    ws.send("ready")
+    time.sleep(0.5)
+
+
+@require_websocket
 def busy_echo(request):
     """Busy elsewhere for ?busy= seconds (after one echo with ?first=read), then echoes."""
     ws = request.websocket

@@ -348,6 +348,9 @@ class AsgiTransport:
 
     async def afinish(self) -> None:
         """Close normally, then wait for the client's answer (bounded)."""
+        # Nobody reads any more: what arrives from now on is dropped, so a full
+        # queue does not keep the receiver from reaching the client's answer.
+        self._link.begin_close()
         await self.aclose(1000, "")
         if self._disconnected:
             return

@@ -272,12 +272,32 @@ class SocketTransport:
             self._shutdown()
             self._reader.join()
             return
-        while self._ended is None and time.monotonic() < deadline:
-            self._pump(deadline)  # the client's answer to the close frame
+        if self._read_lock.acquire(timeout=self._limits.close_timeout):
+            try:
+                self._read_to_end(deadline)
+            finally:
+                self._read_lock.release()
         self._shutdown()
         with self._read_lock:
             if self._ended is None:
                 self._end(1006, "")
+
+    def _read_to_end(self, deadline: float) -> None:
+        """After the view: read until the client answers the close frame; hold ``_read_lock``.
+
+        What arrives meanwhile is dropped: nobody will read it, and it must
+        neither fill memory nor keep this from reading the answer.
+        """
+        self._view_reads = True
+        hub.disarm(self)
+        self._pending.clear()
+        while self._ended is None:
+            data = self._recv(deadline)
+            if data is None:
+                return  # the deadline passed
+            _messages, ended = self._receive(data or None)
+            if ended is not None:
+                self._end(*ended)
 
     # -- internals -----------------------------------------------------------
 

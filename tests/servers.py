@@ -160,6 +160,13 @@ class RunningServer:
     def stop(self) -> None:
         stop_process_group(self.process)
 
+    @property
+    def main_pid(self) -> int:
+        """The server's own first process (gunicorn's master, manage.py's autoreloader, ...):
+        :attr:`process` is the ``timeout`` that runs it."""
+        with open(f"/proc/{self.process.pid}/task/{self.process.pid}/children") as children:
+            return int(children.read().split()[0])
+
 
 def stop_process_group(process: subprocess.Popen) -> None:
     """Stop *process*, started with start_new_session=True, and every process of its group."""
@@ -175,11 +182,12 @@ def stop_process_group(process: subprocess.Popen) -> None:
 @contextmanager
 def start_server(
     kind: str, env: dict[str, str] | None = None, project: str = "tests", migrate: bool = False,
-    port: int | None = None, max_seconds: int = MAX_SECONDS,
+    port: int | None = None, max_seconds: int = MAX_SECONDS, args: tuple[str, ...] = (),
 ) -> Iterator[RunningServer]:
     """Start a server of *kind* (see SERVERS) serving *project*; stop it on exit.
 
     With *migrate*, the project's database (a fresh SQLite file) is migrated first.
+    *args* go at the end of the server's command line (a later option wins).
     """
     port = port or free_port()
     proj = PROJECTS[project]
@@ -198,7 +206,7 @@ def start_server(
             cwd=proj.directory, env=full_env, check=True, timeout=120,
         )
     process = subprocess.Popen(
-        ["timeout", "-k", "5", str(max_seconds), *{**SERVERS, **UNSUPPORTED}[kind](port, proj)],
+        ["timeout", "-k", "5", str(max_seconds), *{**SERVERS, **UNSUPPORTED}[kind](port, proj), *args],
         cwd=proj.directory, env=full_env, stdout=log, stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL, start_new_session=True,
     )

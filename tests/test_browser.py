@@ -216,3 +216,47 @@ def test_a_poll_to_a_server_gone_silent_is_given_up_and_the_client_reconnects(br
         page.evaluate("socket.send('back')")
         page.wait_for_function("events.includes('message back')", timeout=10_000)
         page.evaluate("socket.close()")
+
+
+# -- a deploy: the server closes with 1012 (service restart) ------------------------
+
+OPEN_MANY = """([url, count]) => Promise.all(Array.from({length: count}, () => new Promise((resolve) => {
+    const socket = new DWebSocket(url, {transports: ["websocket"]});
+    (window.sockets = window.sockets || []).push(socket);
+    socket.opened = 0;
+    // When it tries again after the close: the delay dwebsocket.js chose.
+    socket._connect = function (index) {
+        if (this.closedAt !== undefined && this.retriedAt === undefined) this.retriedAt = performance.now();
+        return DWebSocket.prototype._connect.call(this, index);
+    };
+    socket.onopen = () => { socket.opened += 1; resolve(); };
+    socket.onclose = (event) => { socket.closeCode = event.code; socket.closedAt = performance.now(); };
+    socket.onmessage = (event) => { socket.last = event.data; };
+})))"""
+
+
+def test_after_a_1012_pages_reconnect_at_once_each_after_a_random_delay(browser):
+    """gunicorn gets SIGTERM (a deploy) and closes every connection with 1012: each
+    DWebSocket tries again within initialDelay (500 ms), at a random moment of it,
+    so that a thousand clients do not come back in the same millisecond, and they
+    all reconnect to the server that takes over the port."""
+    port = free_port()
+    count = 12
+    with start_server("gthread", port=port, args=("--graceful-timeout", "30")) as old, \
+            client_page(browser, old) as page:
+        page.evaluate(OPEN_MANY, ["/deploy-echo/", count])
+        os.kill(old.main_pid, signal.SIGTERM)
+        old.process.wait(5)
+        page.wait_for_function(f"sockets.filter((s) => s.retriedAt !== undefined).length === {count}", timeout=5_000)
+        codes = page.evaluate("sockets.map((s) => s.closeCode)")
+        delays = page.evaluate("sockets.map((s) => s.retriedAt - s.closedAt)")
+        assert codes == [1012] * count
+        assert all(0 <= delay < 500 + 50 for delay in delays), delays  # within initialDelay
+        # Spread over [0, 500 ms), not bunched: (the older rule waited 250 to 500 ms.)
+        assert min(delays) < 250, delays
+        with start_server("gthread", port=port) as new:
+            page.wait_for_function("sockets.every((s) => s.opened === 2)", timeout=30_000)
+            page.evaluate("sockets.forEach((s, i) => s.send('back ' + i))")
+            page.wait_for_function("sockets.every((s, i) => s.last === 'back ' + i)", timeout=10_000)
+            page.evaluate("sockets.forEach((s) => s.close())")
+            assert "Traceback" not in new.log_text()

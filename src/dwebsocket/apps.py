@@ -15,7 +15,12 @@ class DWebSocketConfig(AppConfig):
         # Imported once the app registry is ready: these modules use Django's
         # handlers and register system checks.
         from . import asgi, checks  # noqa: F401  (checks: registers the system checks)
+        from .transports import restart
         from .transports.wsgi import runserver
 
         runserver.install()  # manage.py runserver lends its sockets
         asgi.install()  # django.core.asgi.get_asgi_application() serves WebSockets
+        # On SIGTERM, close open connections with 1012 (service restart). Here
+        # because a gunicorn worker loads the app in its main thread, the only
+        # thread where a signal handler can be set.
+        restart.install()

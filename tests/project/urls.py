@@ -12,6 +12,8 @@ urlpatterns = [
     path("seed/page/", seed_echo.chat_page),
     path("ws/chat/", seed_broadcast.chat_view),
     path("echo/", views.echo),
+    path("deploy-echo/", views.deploy_echo),
+    path("async-deploy-echo/", views.async_deploy_echo),
     path("page-or-socket/", views.page_or_socket),
     path("plain/", views.plain),
     path("wait-timeout/", views.wait_timeout),

@@ -1,6 +1,7 @@
 """Views that exercise each member of request.websocket, for the tests."""
 
 import asyncio
+import os
 import threading
 import time
 
@@ -403,3 +404,37 @@ def bad_text_send(request):
         ws.send("sent")
     for message in ws:
         ws.send(message)
+
+
+def _report_end(request, ws, last):
+    """Print what a view saw when its connection ended: the server's log is all a
+    test can read once the server has stopped (tests/test_deploys.py)."""
+    line = (
+        f"deploy-view id={request.GET.get('id')} wait={last!r} connected={ws.connected} "
+        f"close_code={ws.close_code} reason={ws.close_reason!r}\n"
+    )
+    os.write(1, line.encode())  # one write: lines of views ending together do not mix
+
+
+@require_websocket
+def deploy_echo(request):
+    """Echoes until the connection ends, then reports how it ended (a server restart)."""
+    ws = request.websocket
+    while True:
+        message = ws.wait()
+        if message is None:
+            break
+        ws.send(message)
+    _report_end(request, ws, message)
+
+
+@require_websocket
+async def async_deploy_echo(request):
+    """:func:`deploy_echo` as an ``async def`` view."""
+    ws = request.websocket
+    while True:
+        message = await ws.wait()
+        if message is None:
+            break
+        await ws.send(message)
+    _report_end(request, ws, message)

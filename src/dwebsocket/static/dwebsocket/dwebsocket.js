@@ -13,8 +13,9 @@
  *   socket.onopen / onmessage / onclose / onerror, addEventListener(...)
  *   socket.send(text or ArrayBuffer/Blob/TypedArray), socket.close(code, reason)
  *
- * Differences from WebSocket, on purpose: after an unclean close it
- * reconnects (with exponential backoff and jitter), firing "close" and then
+ * Differences from WebSocket, on purpose: after a close other than a clean
+ * 1000 or 1001 it reconnects (with exponential backoff and jitter; after 1012,
+ * "service restart", at once, within a random part of initialDelay), firing "close" and then
  * "open" again; messages sent while it is not open are kept (up to
  * maxBuffer, 1000 by default) and sent in order once it is. A transport that
  * does not open within connectTimeout counts as failed (a proxy that holds the
@@ -25,6 +26,7 @@
   "use strict";
 
   var CONNECTING = 0, OPEN = 1, CLOSING = 2, CLOSED = 3;
+  var SERVICE_RESTART = 1012;
 
   function absoluteUrl(url, scheme) {
     var parsed = new URL(url, root.location.href);
@@ -280,6 +282,10 @@
     if (!retry) return;
     var self = this, base = this._reconnect.initialDelay * Math.pow(2, this._attempt);
     var delay = Math.min(this._reconnect.maxDelay, base) * (0.5 + Math.random() / 2);
+    // 1012 (service restart): the server closed every client at once on its way
+    // down, and another one is ready. Come back at once, each client after a
+    // random delay in [0, initialDelay), so they do not all arrive together.
+    if (code === SERVICE_RESTART && this._attempt === 0) delay = Math.random() * this._reconnect.initialDelay;
     this._attempt += 1;
     root.setTimeout(function () { if (!self._closedByUser) self._connect(0); }, delay);
   };

@@ -20,6 +20,7 @@ from django.http.response import HttpResponseBase
 from ...connection import Link, wake_future
 from ...handshake import check_server_handshake
 from ...messages import Frame, Message
+from .. import restart
 from ..policy import OVERFLOW_CLOSE, offer_verdict, too_big
 
 __all__ = ["AsgiOpener", "AsgiTransport", "Receive", "Scope", "Send"]
@@ -146,6 +147,7 @@ class AsgiTransport:
         self._busy = False
         self._handed_over = threading.BoundedSemaphore(_HANDED_OVER)
         self._close_sent = False  # owned by the loop
+        self._close_refused = False  # owned by the loop: the server refused the restart's 1012
         # Owned by the loop: the client is gone, and what afinish() waits on for it.
         self._disconnected = False
         self._gone: asyncio.Future[None] | None = None
@@ -158,6 +160,39 @@ class AsgiTransport:
 
     def start(self) -> None:
         self._receiver = self._loop.create_task(self._receive_loop())
+        restart.register(self)  # on the loop: in the main thread, it chains SIGTERM (restart.install)
+
+    def begin_restart(self) -> None:
+        """From restart.py's closer (a thread): the view sees 1012 now; the loop sends the close."""
+        self._link.closed_with(*restart.RESTART_CLOSE)
+        if self._loop.is_running():
+            try:
+                self._loop.call_soon_threadsafe(self._restart_close)
+                return
+            except RuntimeError:  # closed meanwhile
+                pass
+        # The server's loop is gone (the process exits): nothing more can be sent.
+        restart.unregister(self)
+
+    def finish_restart(self) -> None:
+        """Nothing to wait for: the loop sends the close frame."""
+
+    def _restart_close(self) -> None:
+        """On the loop: close with 1012, with no fallback to 1000 where the server refuses it
+        (daphne): a clean 1000 would tell the client not to reconnect."""
+        if self._close_sent or self._disconnected:
+            return
+        self._close_sent = True
+        self._spawn(self._arestart_close())
+
+    async def _arestart_close(self) -> None:
+        if await self._aclose_event(*restart.RESTART_CLOSE):
+            return
+        # Refused: no close frame goes out, so no answer will come. The
+        # connection drops when the server stops (1006, and the client reconnects).
+        self._close_refused = True
+        if self._gone is not None and not self._gone.done():
+            self._gone.set_result(None)
 
     def _on_loop(self) -> bool:
         return threading.get_ident() == self._loop_thread
@@ -330,6 +365,7 @@ class AsgiTransport:
             pass
         finally:
             self._disconnected = True
+            restart.unregister(self)
             if self._gone is not None and not self._gone.done():
                 self._gone.set_result(None)
             self._link.closed_with(code, reason)
@@ -352,7 +388,7 @@ class AsgiTransport:
         # queue does not keep the receiver from reaching the client's answer.
         self._link.begin_close()
         await self.aclose(1000, "")
-        if self._disconnected:
+        if self._disconnected or self._close_refused:
             return
         self._gone = self._loop.create_future()
         try:

@@ -25,6 +25,7 @@ from django.http.response import HttpResponseBase
 from ...connection import Link, wake_future
 from ...handshake import check_origin
 from ...messages import Frame, Message
+from .. import restart
 from ..policy import OVERFLOW_CLOSE
 from . import wire
 from .store import Outbound, SessionStore
@@ -132,6 +133,7 @@ class PollingSession:
         """Record the accept; call with ``_lock`` held."""
         link.opened(transport)  # before the open answer can go out: a send may follow at once
         self._link, self._outbound, self.subprotocol = link, outbound, subprotocol
+        restart.register(self)
 
     def give_up(self) -> bool:
         """At the ``open`` answer: whether the view has not accepted; if so, it never will."""
@@ -171,7 +173,9 @@ class PollingSession:
         with self._lock:
             outbound = None if self._ended else self._outbound
             self._ended = True
-            return outbound, self._link
+            link = self._link
+        restart.unregister(self)
+        return outbound, link
 
     def close(self, code: int, reason: str) -> None:
         """End the session: the client's next poll gets the close, the view sees *code*; idempotent."""
@@ -188,6 +192,15 @@ class PollingSession:
             await outbound.aclose(code, reason)
         if link is not None:
             link.closed_with(code, reason)
+
+    # -- when the server stops (restart.Restartable) ------------------------------
+
+    def begin_restart(self) -> None:
+        """The server stops: the client's next poll gets 1012, the view sees it now."""
+        self.close(*restart.RESTART_CLOSE)
+
+    def finish_restart(self) -> None:
+        """Nothing more: the close waits in the session's queue for the client's poll."""
 
     # -- what the store hands over from the client (store.ViewEnd) ----------------
 

@@ -6,15 +6,33 @@ When the app is ready, dwebsocket installs a subclass of
 ``runserver`` command looks the handler class up each time it starts a
 server, so this works whichever app's ``runserver`` command is in use (the
 ``staticfiles`` one included) and with the autoreloader.
+
+Stopping. With the autoreloader, ``runserver`` is two processes: one watches
+the files, its child serves. On SIGTERM Django's watching process exits and
+kills the child with SIGKILL, so open connections drop without a close frame.
+dwebsocket replaces ``autoreload.restart_with_reloader`` (the watcher's loop)
+with :func:`_restart_with_reloader`, which passes SIGTERM on to the child and
+waits for it: the child ends with ``sys.exit()`` (Django's own SIGTERM
+handler there), and on its way out closes its connections with 1012
+(``transports/restart.py``), as it does when the autoreloader restarts it.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+from types import FrameType
 from typing import Any
 
 from django.core.servers import basehttp
+from django.utils import autoreload
+
+from ... import conf
 
 __all__ = ["WebSocketRequestHandler", "install"]
+
+_django_restart_with_reloader = autoreload.restart_with_reloader
 
 
 class WebSocketRequestHandler(basehttp.WSGIRequestHandler):
@@ -43,3 +61,37 @@ def install() -> None:
     else:
         handler = WebSocketRequestHandler
     basehttp.WSGIRequestHandler = handler  # type: ignore[misc,assignment]
+    if autoreload.restart_with_reloader is _django_restart_with_reloader:
+        autoreload.restart_with_reloader = _restart_with_reloader
+
+
+def _restart_with_reloader() -> int:
+    """Django's ``autoreload.restart_with_reloader()``, except that a stop reaches the server.
+
+    Runs in the watching process, in its main thread. Starts the serving
+    process again each time it exits with 3 (a file changed), as Django's
+    does. A SIGTERM is passed on to the serving process, which closes its
+    connections (1012) and exits; this process then exits with it. On Ctrl-C
+    (which reaches both processes) it waits for the serving process as long;
+    only a process that does not end in that time is killed.
+    """
+    environ = {**os.environ, autoreload.DJANGO_AUTORELOAD_ENV: "true"}
+    args = autoreload.get_child_arguments()
+    while True:
+        child = subprocess.Popen(args, env=environ, close_fds=False)
+
+        def forward(signum: int, frame: FrameType | None, child: subprocess.Popen[bytes] = child) -> None:
+            child.send_signal(signum)
+
+        signal.signal(signal.SIGTERM, forward)
+        try:
+            code = child.wait()
+        except BaseException:
+            try:
+                child.wait(conf.get("WEBSOCKET_CLOSE_TIMEOUT") + 1)
+            except BaseException:
+                child.kill()
+                child.wait()
+            raise
+        if code != 3:
+            return code

@@ -51,6 +51,7 @@ from wsproto.events import BytesMessage, CloseConnection, Message, Ping, Pong, T
 from ...connection import Link
 from ...messages import Frame, message_size
 from ...messages import Message as MessageData
+from .. import restart
 from ..policy import OVERFLOW_CLOSE, Limits, Outbox
 from .hub import hub
 
@@ -110,6 +111,8 @@ class SocketTransport:
         self._delivering = False  # a reader waits for room in the view's queue
         # Set once by the hub, before it shuts the socket down.
         self._expired: tuple[int, str] | None = None
+        # Set once when the server stops (restart.py): every close is then 1012.
+        self._restarting = False
         self.tick = _tick(limits)
         self._is_shut_down = False
         self._reader = None if self._on_demand else threading.Thread(
@@ -123,6 +126,7 @@ class SocketTransport:
     def start(self) -> None:
         """Start reading frames (and keeping time, and writing what waits)."""
         hub.add(self, read=self._on_demand)
+        restart.register(self)
         if self._reader is not None:
             self._reader.start()
 
@@ -257,11 +261,26 @@ class SocketTransport:
         self.close(code, reason)
 
     def close(self, code: int, reason: str) -> None:
+        if self._restarting:  # the server stops: whoever closes first says so
+            code, reason = restart.RESTART_CLOSE
         with self._lock:
             if self._protocol.state is ConnectionState.OPEN:
                 self._close_sent_at = time.monotonic()
                 if self._drain():  # what was sent before the close arrives before it
                     self._write(self._protocol.send(CloseConnection(code=code, reason=reason)))
+
+    def begin_restart(self) -> None:
+        """From restart.py's closer: the view sees 1012 now; the hub's clock ends the
+        connection ``WEBSOCKET_CLOSE_TIMEOUT`` from now, whatever the client does
+        (so a send stuck on a client that reads nothing lets go of ``_lock``)."""
+        self._restarting = True
+        if self._close_sent_at is None:
+            self._close_sent_at = time.monotonic()
+        self._link.closed_with(*restart.RESTART_CLOSE)
+
+    def finish_restart(self) -> None:
+        """From restart.py's closer: send the close frame (1012), after what is queued."""
+        self.close(*restart.RESTART_CLOSE)
 
     def finish(self) -> None:
         """End the connection after the view returned: close, wait, shut down."""
@@ -489,6 +508,7 @@ class SocketTransport:
             return
         self._ended = code, reason
         hub.remove(self)
+        restart.unregister(self)
         self._shutdown()
         if self._expired is not None:
             code, reason = self._expired

@@ -148,6 +148,7 @@ class AsgiTransport:
         self._handed_over = threading.BoundedSemaphore(_HANDED_OVER)
         self._close_sent = False  # owned by the loop
         self._close_refused = False  # owned by the loop: the server refused the restart's 1012
+        self._restarting = False  # set once, by restart.py's closer, before the view hears of it
         # Owned by the loop: the client is gone, and what afinish() waits on for it.
         self._disconnected = False
         self._gone: asyncio.Future[None] | None = None
@@ -164,6 +165,7 @@ class AsgiTransport:
 
     def begin_restart(self) -> None:
         """From restart.py's closer (a thread): the view sees 1012 now; the loop sends the close."""
+        self._restarting = True
         self._link.closed_with(*restart.RESTART_CLOSE)
         if self._loop.is_running():
             try:
@@ -316,6 +318,9 @@ class AsgiTransport:
             self._progress = time.monotonic()
 
     async def aclose(self, code: int, reason: str) -> None:
+        if self._restarting:  # the server stops: its 1012 goes out, whoever closes first
+            self._restart_close()
+            return
         if self._close_sent or self._disconnected:
             return
         self._close_sent = True

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import types
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any, cast
@@ -216,7 +217,9 @@ class AsgiTransport:
         """Send *event*, then what queued behind it, until a send suspends."""
         while event is not None:
             self._busy = True
-            steps = self._send(event).__await__()
+            sending = self._send(event)
+            # A coroutine (every server's send) is driven as is; any other awaitable by __await__().
+            steps = sending if isinstance(sending, types.CoroutineType) else sending.__await__()
             try:
                 waiting_for = steps.send(None)
             except StopIteration:
@@ -231,10 +234,12 @@ class AsgiTransport:
             event, done = self._queue.popleft() if self._queue else (None, None)
         self._busy = False
 
-    async def _carry_on(self, steps: Generator[Any, None, Any], waiting_for: object, done: Done | None) -> None:
+    async def _carry_on(
+        self, steps: Generator[Any, None, Any] | Coroutine[Any, Any, Any], waiting_for: object, done: Done | None
+    ) -> None:
         """Finish a server send that suspended, as a task would, then go on with the queue.
 
-        *steps* is the send's ``__await__()`` iterator; it yielded *waiting_for*,
+        *steps* is the send (its coroutine, or its ``__await__()`` iterator); it yielded *waiting_for*,
         the future it waits for (or ``None`` for a bare yield).
         """
         ok = False
@@ -288,6 +293,16 @@ class AsgiTransport:
         self._handed_over.release()
 
     def offer(self, frame: Frame) -> bool:
+        if not self._busy and not self._queue and self._on_loop():
+            # Nothing waits on this connection and we are on its loop: send at
+            # once, as a bare loop over `await send(...)` would. Only a send
+            # that has to wait counts towards the slow-client policy (the
+            # next broadcasts queue behind it, counted).
+            if self._close_sent or self._disconnected or self._restarting:
+                return False
+            message = frame.message
+            self._run({"type": "websocket.send", "text" if isinstance(message, str) else "bytes": message}, None)
+            return True
         with self._offered_lock:
             now = time.monotonic()
             if not self._offered:

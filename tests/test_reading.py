@@ -74,7 +74,7 @@ def test_a_busy_view_still_answers_pings_and_gets_every_message(server, first):
         assert [ws.recv(timeout=10) for _ in range(100)] == [f"m{n}" for n in range(100)]
 
 
-@pytest.mark.parametrize("kind", ["runserver", "gthread", "gevent"])
+@pytest.mark.parametrize("kind", ["runserver", "gthread", "gevent", "uvicorn", "daphne", "hypercorn"])
 def test_a_client_that_leaves_while_its_view_is_behind_is_noticed(kind):
     # The view reads nothing; the client fills its queue (64 in the tests'
     # settings) and more, then vanishes without a close frame.
@@ -88,5 +88,6 @@ def test_a_client_that_leaves_while_its_view_is_behind_is_noticed(kind):
         started = time.monotonic()
         seen = result(server, key)
         assert seen["connected"] is False, seen
-        assert seen["close_code"] == 1006
+        # WSGI: 1006. ASGI servers report what they like for a lost connection: uvicorn 1005.
+        assert seen["close_code"] == 1006 or (kind == "uvicorn" and seen["close_code"] == 1005)
         assert time.monotonic() - started < 10

@@ -42,7 +42,6 @@ import signal
 import sys
 import time
 from contextlib import ExitStack
-from pathlib import Path
 
 from .fanout import BY_KEY, CpuMeter, Member, Run, _children, http_get, register_servers, rss_kib, run_client
 from tests.servers import start_redis, start_server

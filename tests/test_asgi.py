@@ -125,7 +125,8 @@ def test_200_sync_views_hold_their_connections_at_once_under_uvicorn():
 
 
 def test_2000_async_views_at_once_under_uvicorn():
-    with start_server("uvicorn") as running:
+    # More than WEBSOCKET_MAX_CONNECTIONS allows by default (1000 per process).
+    with start_server("uvicorn", env={"DWS_TEST_MAX_CONNECTIONS": "2500"}) as running:
         replies = asyncio.run(_echo_many(running.port, "/async-echo/", 2000))
         assert replies == [f"message {i}" for i in range(2000)]
         log = running.log_text()

@@ -90,7 +90,7 @@ def test_a_view_that_returns_with_messages_unread_closes_at_once(server):
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1000
 
 
-@pytest.mark.parametrize("kind", ["runserver", "gthread", "gevent"])
+@pytest.mark.parametrize("kind", ["runserver", "gthread", "gevent", "uvicorn", "daphne", "hypercorn"])
 def test_a_client_that_leaves_while_its_view_is_behind_is_noticed(kind):
     # The view reads nothing; the client fills its queue (64 in the tests'
     # settings) and more, then vanishes without a close frame.
@@ -104,5 +104,6 @@ def test_a_client_that_leaves_while_its_view_is_behind_is_noticed(kind):
         started = time.monotonic()
         seen = result(server, key)
         assert seen["connected"] is False, seen
-        assert seen["close_code"] == 1006
+        # WSGI: 1006. ASGI servers report what they like for a lost connection: uvicorn 1005.
+        assert seen["close_code"] == 1006 or (kind == "uvicorn" and seen["close_code"] == 1005)
         assert time.monotonic() - started < 10

@@ -7,12 +7,13 @@ sends to a group of connections in every process.
 """
 
 from .decorators import accept_websocket, require_websocket
-from .groups import Member, broadcast, group_members, group_size
+from .groups import Member, TooManyGroups, broadcast, group_members, group_size
 from .websocket import AsyncWebSocket, WebSocket
 
 __all__ = [
     "AsyncWebSocket",
     "Member",
+    "TooManyGroups",
     "WebSocket",
     "accept_websocket",
     "broadcast",

@@ -9,6 +9,7 @@ from django.conf import settings
 from django.core.checks import Error, Warning, register
 
 from . import conf
+from .transports.policy import parse_rate
 
 __all__ = ["check_broker_reachable", "check_settings"]
 
@@ -40,12 +41,25 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error | Warni
     errors: list[Error | Warning] = []
     errors += _number_or_none("WEBSOCKET_MAX_MESSAGE_SIZE", integer=True)
     errors += _number_or_none("WEBSOCKET_MAX_QUEUE", allow_none=False, integer=True)
+    errors += _number_or_none("WEBSOCKET_MAX_QUEUE_BYTES", integer=True)
+    errors += _number_or_none("WEBSOCKET_MAX_CONNECTIONS", integer=True)
+    errors += _number_or_none("WEBSOCKET_MAX_GROUPS", integer=True)
     errors += _number_or_none("WEBSOCKET_PING_INTERVAL")
     errors += _number_or_none("WEBSOCKET_PING_TIMEOUT")
     errors += _number_or_none("WEBSOCKET_CLOSE_TIMEOUT", allow_none=False)
     errors += _number_or_none("WEBSOCKET_BROADCAST_QUEUE", allow_none=False, integer=True)
     errors += _number_or_none("WEBSOCKET_POLL_TIMEOUT", allow_none=False)
     errors += _number_or_none("WEBSOCKET_POLL_EXPIRY", allow_none=False)
+    try:
+        parse_rate(conf.get("WEBSOCKET_RATE_LIMIT"))
+    except ValueError as exc:
+        errors.append(
+            Error(
+                str(exc),
+                hint='For example WEBSOCKET_RATE_LIMIT = "50/s", or None (the default) for no limit.',
+                id="dwebsocket.E006",
+            )
+        )
     overflow = conf.get("WEBSOCKET_BROADCAST_OVERFLOW")
     if overflow not in ("close", "drop"):
         errors.append(

@@ -31,6 +31,21 @@ DEFAULTS: dict[str, Any] = {
     # Messages received but not yet read by the view. When it is full,
     # dwebsocket stops reading from the socket until the view catches up.
     "WEBSOCKET_MAX_QUEUE": 64,
+    # Bytes (inflated, plus 64 per message for its bookkeeping) held for one
+    # connection: received and not yet read by the view, and waiting to be
+    # written to the client. Past it dwebsocket stops reading from the client
+    # (inbound), and a view's send() waits / a broadcast counts the client as
+    # behind (outbound). None: counted in messages only.
+    "WEBSOCKET_MAX_QUEUE_BYTES": 4 * 1024 * 1024,
+    # Open connections (WebSocket and long-polling sessions) in one process;
+    # beyond it a handshake or a polling open gets 503. None: no limit.
+    "WEBSOCKET_MAX_CONNECTIONS": 1000,
+    # Messages one client may send, such as "50/s" or "600/m"; a client over
+    # it is closed with 1008 (policy violation). None: no limit.
+    "WEBSOCKET_RATE_LIMIT": None,
+    # Groups one connection may be in at once; join() beyond it raises
+    # TooManyGroups. None: no limit.
+    "WEBSOCKET_MAX_GROUPS": 100,
     # Seconds without traffic before a keepalive ping; None turns pings off.
     "WEBSOCKET_PING_INTERVAL": 20.0,
     # Seconds to wait for the answer to a ping before the peer counts as gone.

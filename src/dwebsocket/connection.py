@@ -17,12 +17,13 @@ import asyncio
 import threading
 import time
 import uuid
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from .messages import Frame, Message, check_close_code, check_message
-from .transports.policy import Limits
+from .transports.policy import Limits, connections, has_room, queued_size
 
 __all__ = ["CLOSED", "CLOSING", "CONNECTING", "OPEN", "Connection", "Link", "Transport", "wake_future"]
 
@@ -80,9 +81,9 @@ def wake_future(loop: asyncio.AbstractEventLoop) -> tuple[asyncio.Future[None], 
 class Connection:
     """One WebSocket connection: an inbound queue and a thread-safe ``send()``.
 
-    Concurrency: ``_cond`` (one lock) owns ``_messages``, ``_state``,
-    ``_close_code``, ``_close_reason``, ``_transport``, ``_pump``,
-    ``_listeners`` and ``_close_hooks``. The transport is the only producer of
+    Concurrency: ``_cond`` (one lock) owns ``_messages``, ``_queued_bytes``,
+    ``_state``, ``_close_code``, ``_close_reason``, ``_transport``, ``_pump``,
+    ``_listeners``, ``_close_hooks`` and ``_admitted``. The transport is the only producer of
     messages; any thread may consume them or send. A transport that can read
     in the consumer's thread gives a *pump*: :meth:`wait` then reads there,
     with ``_cond`` released, instead of waiting for another thread to deliver. Listeners (how coroutines wait, see
@@ -94,6 +95,10 @@ class Connection:
         self._limits = limits or Limits()
         self._cond = threading.Condition()
         self._messages: deque[Message] = deque()
+        # What the queued messages count against WEBSOCKET_MAX_QUEUE_BYTES.
+        self._queued_bytes = 0
+        # Whether this connection holds a place in policy.connections (admit()).
+        self._admitted = False
         self._state = CONNECTING
         self._close_code: int | None = None
         self._close_reason = ""
@@ -126,8 +131,54 @@ class Connection:
         if not self._messages:
             return None
         message = self._messages.popleft()
+        self._queued_bytes -= queued_size(message)
         self._changed()  # a producer may be waiting for room
         return message
+
+    def _push(self, message: Message) -> None:
+        """Queue a received message; call with ``_cond`` held."""
+        self._messages.append(message)
+        self._queued_bytes += queued_size(message)
+        self._changed()
+
+    def _has_room(self, message: Message) -> bool:
+        """Whether the queue takes *message* now (WEBSOCKET_MAX_QUEUE, WEBSOCKET_MAX_QUEUE_BYTES); hold ``_cond``."""
+        limits = self._limits
+        return has_room(
+            len(self._messages), self._queued_bytes, queued_size(message), limits.max_queue, limits.max_queue_bytes
+        )
+
+    def admit(self, limit: int | None) -> bool:
+        """Take a place among the process's open connections (``WEBSOCKET_MAX_CONNECTIONS``, *limit*).
+
+        ``False`` if the process holds *limit* already: the handshake (or the
+        polling ``open``) is refused with 503. Idempotent; the place is given
+        back exactly once, when the connection is closed (:meth:`Link.closed_with`).
+        """
+        with self._cond:
+            if self._admitted:
+                return True
+            if self._state == CLOSED or not connections.take(limit):
+                return False
+            self._admitted = True
+            return True
+
+    def abandon(self) -> None:
+        """The connection's view is done with it: record it closed (1006) if nothing closed it yet.
+
+        For code that admitted a connection (:meth:`admit`) and runs its view
+        itself: whatever the view did, the place it took is given back.
+        Idempotent.
+        """
+        self._link.closed_with(1006)
+
+    def _discard(self) -> None:
+        """Drop the messages nobody will read (the view has returned) and what ties the connection to its transport."""
+        with self._cond:
+            self._messages.clear()
+            self._queued_bytes = 0
+            self._transport = None
+            self._pump = None
 
     def _open_transport(self) -> Transport | None:
         with self._cond:
@@ -256,12 +307,19 @@ class Link:
     bytes: a transport reports the open, the messages that arrive and the
     close through it; the groups offer broadcasts through it and learn of the
     close through :meth:`on_close`. Every method is safe from any thread.
+
+    A link holds its connection weakly: the connection holds its link (and,
+    while open, its transport, which holds the link), so a strong reference
+    back would make a cycle, and a closed connection, with every message in
+    its queue, would wait for the cyclic garbage collector instead of being
+    freed as soon as the view drops it. Once the connection is gone, a link
+    drops what is delivered to it and refuses broadcasts.
     """
 
-    __slots__ = ("_connection", "id", "limits")
+    __slots__ = ("_ref", "id", "limits")
 
     def __init__(self, connection: Connection) -> None:
-        self._connection = connection
+        self._ref = weakref.ref(connection)
         #: The connection's id (see :attr:`Connection.id`).
         self.id: str = connection.id
         #: The limits the connection was opened with.
@@ -270,7 +328,8 @@ class Link:
     @property
     def user_id(self) -> str | None:
         """The primary key of the connection's user, if known (for presence)."""
-        return self._connection.user_id
+        c = self._ref()
+        return None if c is None else c.user_id
 
     def opened(self, transport: Transport, pump: Callable[[float | None], None] | None = None) -> None:
         """The handshake was answered: *transport* carries the connection from now on.
@@ -280,7 +339,9 @@ class Link:
         ``time.monotonic()`` value, or ``None``) passes; a view's ``wait()``
         then calls it rather than waiting for another thread to deliver.
         """
-        c = self._connection
+        c = self._ref()
+        if c is None:
+            return
         with c._cond:
             c._transport = transport
             c._pump = pump
@@ -292,37 +353,83 @@ class Link:
 
         ``False`` if the queue was still full after *timeout* seconds (nothing queued).
         """
-        c = self._connection
+        c = self._ref()
+        if c is None:
+            return True
         deadline = None if timeout is None else time.monotonic() + timeout
         with c._cond:
-            while len(c._messages) >= c._limits.max_queue and c._state == OPEN:
+            while c._state == OPEN and not c._has_room(message):
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
                 c._cond.wait(remaining)
             if c._state == OPEN:  # after close() new messages are dropped
-                c._messages.append(message)
-                c._changed()
+                c._push(message)
             return True
 
     def deliver_nowait(self, message: Message) -> bool:
-        """Queue a received message unless the queue is full; ``False`` means wait and retry."""
-        c = self._connection
+        """Queue a received message unless the queue is full; ``False`` means wait and retry.
+
+        Full is ``WEBSOCKET_MAX_QUEUE`` messages or ``WEBSOCKET_MAX_QUEUE_BYTES``
+        bytes (:func:`~dwebsocket.transports.policy.has_room`).
+        """
+        c = self._ref()
+        if c is None:
+            return True
         with c._cond:
-            if len(c._messages) >= c._limits.max_queue and c._state == OPEN:
+            if c._state == OPEN and not c._has_room(message):
                 return False
             if c._state == OPEN:
-                c._messages.append(message)
-                c._changed()
+                c._push(message)
+            return True
+
+    def deliver_all_nowait(self, messages: list[Message]) -> bool:
+        """Queue every one of *messages*, or none if the queue has no room for them all.
+
+        A queue that is empty takes any batch (a polling ``send`` carries at
+        most what a request body may, see ``WEBSOCKET_MAX_MESSAGE_SIZE``), so
+        a batch larger than the queue is not refused forever.
+        """
+        c = self._ref()
+        if c is None:
+            return True
+        limits = c._limits
+        with c._cond:
+            if c._state != OPEN:
+                return True  # dropped, as deliver() drops them after close
+            if c._messages:
+                count, size = len(c._messages), c._queued_bytes
+                for message in messages:
+                    adding = queued_size(message)
+                    if not has_room(count, size, adding, limits.max_queue, limits.max_queue_bytes):
+                        return False
+                    count, size = count + 1, size + adding
+            for message in messages:
+                c._push(message)
             return True
 
     def queued(self) -> int:
         """How many received messages wait for the view (read without the lock: a hint)."""
-        return len(self._connection._messages)
+        c = self._ref()
+        return 0 if c is None else len(c._messages)
+
+    def load(self) -> tuple[int, int]:
+        """How many received messages wait for the view, and their bytes (``queued_size``).
+
+        Only the view takes messages away, so a transport that is the only
+        producer knows the queue has at least the room this snapshot leaves.
+        """
+        c = self._ref()
+        if c is None:
+            return 0, 0
+        with c._cond:
+            return len(c._messages), c._queued_bytes
 
     def listen(self, listener: Callable[[], object]) -> Callable[[], None]:
         """Call *listener* on every change of the queue or state; returns the undo."""
-        c = self._connection
+        c = self._ref()
+        if c is None:
+            return _nothing
         with c._cond:
             c._listeners.add(listener)
 
@@ -334,7 +441,9 @@ class Link:
 
     def begin_close(self) -> Transport | None:
         """Move to CLOSING; the transport to send the close frame on, if still open."""
-        c = self._connection
+        c = self._ref()
+        if c is None:
+            return None
         with c._cond:
             if c._state != OPEN:
                 return None
@@ -344,7 +453,9 @@ class Link:
 
     def closed_with(self, code: int, reason: str = "") -> None:
         """Record that the connection is closed; wakes every waiter, runs the close hooks once."""
-        c = self._connection
+        c = self._ref()
+        if c is None:
+            return
         with c._cond:
             first = c._state != CLOSED
             if first:
@@ -352,8 +463,11 @@ class Link:
                 c._close_code = code
                 c._close_reason = reason
                 hooks, c._close_hooks = c._close_hooks, []
+                admitted, c._admitted = c._admitted, False
             c._changed()
         if first:
+            if admitted:  # exactly once: _admitted is set once and cleared here, under _cond
+                connections.give_back()
             for hook in hooks:
                 hook(self)
 
@@ -363,7 +477,9 @@ class Link:
         Returns ``False``, and registers nothing, if it is closed already: the
         caller then knows the hook will never run.
         """
-        c = self._connection
+        c = self._ref()
+        if c is None:
+            return False
         with c._cond:
             if c._state == CLOSED:
                 return False
@@ -373,11 +489,18 @@ class Link:
 
     def offer(self, frame: Frame) -> bool:
         """Hand a broadcast to the transport without waiting; ``False`` if it was not taken."""
-        c = self._connection
+        c = self._ref()
+        if c is None:
+            return False
         # Read without _cond, on the hot path of a broadcast: a connection that
         # closes meanwhile is refused by its transport, which checks its own state.
         transport = c._transport
         return transport is not None and c._state == OPEN and transport.offer(frame)
 
     def __repr__(self) -> str:
-        return f"<Link {self.id} {self._connection._state}>"
+        c = self._ref()
+        return f"<Link {self.id} {CLOSED if c is None else c._state}>"
+
+
+def _nothing() -> None:
+    """The undo of a listener that was never added."""

@@ -43,7 +43,7 @@ from .connection import Link
 from .handshake import Handshake
 from .messages import Frame, Message, check_close_code, check_message
 from .transports.opener import OPENER_KEY
-from .transports.policy import OVERFLOW_CLOSE, offer_verdict, too_big
+from .transports.policy import OVERFLOW_CLOSE, RATE_CLOSE, RateMeter, offer_verdict, too_big
 
 __all__ = ["ClientConnection", "HandshakeRefused", "WebSocketClient"]
 
@@ -159,6 +159,7 @@ class ClientConnection:
         # Guarded by _lock: the view's connection, the close, and how the view ended.
         self._lock = threading.Lock()
         self._server: Link | None = None
+        self._rate: RateMeter | None = None  # WEBSOCKET_RATE_LIMIT, made at the accept
         self._close: tuple[int, str] | None = None
         self._opened = threading.Event()
         self._finished = threading.Event()
@@ -179,17 +180,19 @@ class ClientConnection:
         Waits while the view's queue is full (``WEBSOCKET_MAX_QUEUE``), as a
         real client waits for the server to read; raises ``TimeoutError`` if
         the view reads nothing for *timeout* seconds. A message over
-        ``WEBSOCKET_MAX_MESSAGE_SIZE`` closes the connection with 1009, as
-        a server does.
+        ``WEBSOCKET_MAX_MESSAGE_SIZE`` closes the connection with 1009, and
+        one over ``WEBSOCKET_RATE_LIMIT`` with 1008, as a server does.
         """
         message = check_message(message)
         with self._lock:
             server = self._server if self._close is None else None
+            over_rate = server is not None and self._rate is not None and not self._rate.allow()
         if server is None:
             return False
-        if too_big(message, server.limits):
-            self._closed_by_view(1009, "message too big")
-            server.closed_with(1009, "message too big")
+        if too_big(message, server.limits) or over_rate:
+            code, reason = (1009, "message too big") if not over_rate else RATE_CLOSE
+            self._closed_by_view(code, reason)
+            server.closed_with(code, reason)
             return True  # sent: the server's answer is the close
         deadline = time.monotonic() + timeout
         while not server.deliver_nowait(message):
@@ -341,6 +344,7 @@ class ClientConnection:
     def _accepted(self, server: Link, subprotocol: str | None) -> None:
         with self._lock:
             self._server = server
+            self._rate = RateMeter(server.limits)
             self.subprotocol = subprotocol
         self._opened.set()
 

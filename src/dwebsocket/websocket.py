@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
@@ -18,7 +19,7 @@ from django.core import signals
 from django.http import HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
 
-from . import groups
+from . import conf, groups
 from .connection import CLOSED, CONNECTING, OPEN, Connection, Transport, wake_future
 from .handshake import HandshakeError
 from .messages import Message, check_close_code, check_message
@@ -31,6 +32,26 @@ logger = logging.getLogger("dwebsocket")
 
 
 _UNKNOWN = object()
+
+_FULL = (
+    "This server holds as many connections as WEBSOCKET_MAX_CONNECTIONS allows; try again later."
+)
+_FULL_LOG_EVERY = 10.0  # seconds between two warnings that the process is full
+# When the last such warning was written. Read and written without a lock: two
+# threads that race here write two warnings instead of one, nothing worse.
+_full_warned_at = -_FULL_LOG_EVERY
+
+
+def _warn_full() -> None:
+    """Log that a connection was refused for WEBSOCKET_MAX_CONNECTIONS, at most every few seconds."""
+    global _full_warned_at
+    now = time.monotonic()
+    if now - _full_warned_at >= _FULL_LOG_EVERY:
+        _full_warned_at = now
+        logger.warning(
+            "dwebsocket: refused a connection (503): this process holds %s, WEBSOCKET_MAX_CONNECTIONS.",
+            conf.get("WEBSOCKET_MAX_CONNECTIONS"),
+        )
 
 
 def _user_id(request: HttpRequest) -> str | None:
@@ -113,6 +134,10 @@ class WebSocket(Connection):
                 logger.error("dwebsocket: %s", exc.message)
             self._refuse()
             return exc.response()
+        if not self.admit(conf.get("WEBSOCKET_MAX_CONNECTIONS")):
+            _warn_full()
+            self._refuse()
+            return HandshakeError(503, _FULL).response()
         self._supported_subprotocols = list(subprotocols or ())
         return None
 
@@ -170,6 +195,7 @@ class WebSocket(Connection):
             self._start()
             self._finished_response = self._opener.finish(self._open_transport_any())
             self._link.closed_with(1006)  # no-op unless the transport never reported the close
+            self._discard()  # nobody reads any more: free the queue now, not at the next GC
         return self._finished_response
 
     async def _afinish(self) -> HttpResponseBase:
@@ -177,6 +203,7 @@ class WebSocket(Connection):
             await self._astart()
             self._finished_response = await self._opener.afinish(self._open_transport_any())
             self._link.closed_with(1006)
+            self._discard()
         return self._finished_response
 
     def _open_transport_any(self) -> Transport | None:

@@ -43,6 +43,7 @@ urlpatterns = [
     path("stalled-handshake/", views.stalled_handshake),
     path("client/", views.client_page),
     path("login-as/<str:username>/", views.login_as),
+    path("join-many/", views.join_many),
     path("group/<str:name>/", views.group_chat),
     path("async-group/<str:name>/", views.async_group_chat),
     path("presence/<str:name>/", views.presence),

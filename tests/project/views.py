@@ -8,7 +8,7 @@ import time
 from django.contrib.auth.decorators import login_required
 from django.http import HttpResponse, HttpResponseForbidden, JsonResponse
 
-from dwebsocket import accept_websocket, broadcast, group_members, group_size, require_websocket
+from dwebsocket import TooManyGroups, accept_websocket, broadcast, group_members, group_size, require_websocket
 
 # Close codes and reasons that views saw, by the ?id= of the connection.
 # Guarded by _results_lock: views write from their own threads.
@@ -352,6 +352,22 @@ def group_chat(request, name):
     ws.send(f"joined {ws.id}")
     for message in ws:
         broadcast(name, message, exclude=ws)
+
+
+@require_websocket
+def join_many(request):
+    """Joins ?n= groups, then says how many it is in, or why join() refused one."""
+    ws = request.websocket
+    joined = 0
+    try:
+        for index in range(int(request.GET.get("n", "1"))):
+            ws.join(f"many-{ws.id}-{index}")
+            joined += 1
+    except TooManyGroups as exc:
+        ws.send(f"refused after {joined}: {exc}")
+    else:
+        ws.send(f"joined {joined}")
+    ws.wait()
 
 
 @require_websocket

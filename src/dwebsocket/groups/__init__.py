@@ -23,6 +23,7 @@ from .registry import Member, Registry
 
 __all__ = [
     "Member",
+    "TooManyGroups",
     "await_join",
     "broadcast",
     "get_broker",
@@ -96,14 +97,29 @@ def group_members(group: str) -> list[Member]:
 _JOIN_TIMEOUT = 2.0  # seconds a join waits for the broker (Redis) to take it
 
 
+class TooManyGroups(ValueError):
+    """``join()`` would put a connection in more groups than ``WEBSOCKET_MAX_GROUPS`` allows."""
+
+
 def join(link: Link, group: str) -> Broker | None:
     """Add the connection of *link* to *group*; the broker to flush, if the join is not complete yet.
 
     A closed connection joins nothing: it has left its groups for good.
+    Raises :class:`TooManyGroups` if the connection is in ``WEBSOCKET_MAX_GROUPS``
+    groups already (joining one it is in is no new group).
     """
     _check_group(group)
     broker = get_broker()
+    limit = link.limits.max_groups
     with registry.lock:
+        if limit is not None:
+            joined = registry.groups_of(link)
+            if len(joined) >= limit and group not in joined:
+                raise TooManyGroups(
+                    f"This connection is in {len(joined)} groups already, as many as "
+                    f"WEBSOCKET_MAX_GROUPS ({limit}) allows: leave one before joining {group!r}, "
+                    "or raise WEBSOCKET_MAX_GROUPS."
+                )
         # Registered under the registry's lock: the close's leave-all (which
         # takes it too) runs after this join, or the join sees the close.
         if not link.on_close(_leave_all):

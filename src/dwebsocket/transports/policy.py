@@ -8,9 +8,11 @@ once. A leaf of the transports layer: it imports only settings and messages.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
@@ -18,8 +20,55 @@ from .. import conf
 from ..messages import Message, message_size
 
 __all__ = [
-    "BURST_FACTOR", "OVERFLOW_CLOSE", "STALL_SECONDS", "Limits", "Outbox", "Verdict", "offer_verdict", "too_big",
+    "BURST_BYTES_FACTOR", "BURST_FACTOR", "MESSAGE_OVERHEAD", "OVERFLOW_CLOSE", "RATE_CLOSE", "STALL_SECONDS",
+    "ConnectionCount", "Limits", "Outbox", "RateMeter", "Verdict", "connections", "has_room", "offer_verdict",
+    "parse_rate", "queued_size", "too_big",
 ]
+
+#: What one queued message costs beyond its payload, in bytes: the Python
+#: object and its slot in a queue. Counted in WEBSOCKET_MAX_QUEUE_BYTES so
+#: that a flood of tiny messages is bounded in memory as well as big ones.
+MESSAGE_OVERHEAD = 64
+
+
+def queued_size(message: Message) -> int:
+    """What *message* counts against ``WEBSOCKET_MAX_QUEUE_BYTES``: its inflated size and :data:`MESSAGE_OVERHEAD`."""
+    return message_size(message) + MESSAGE_OVERHEAD
+
+
+def has_room(count: int, size: int, adding: int, max_count: int, max_bytes: int | None) -> bool:
+    """Whether a queue holding *count* items of *size* bytes takes one more of *adding* bytes.
+
+    An empty queue takes any one item (a message larger than the byte budget
+    still goes through, alone), so a queue holds at most
+    ``max(max_bytes, one message)`` bytes.
+    """
+    if count == 0:
+        return True
+    if count >= max_count:
+        return False
+    return max_bytes is None or size + adding <= max_bytes
+
+
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*(s|sec|second|m|min|minute)\s*$")
+_UNIT_SECONDS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0}
+
+
+def parse_rate(value: object) -> tuple[int, float] | None:
+    """``WEBSOCKET_RATE_LIMIT`` as (messages, seconds): ``"50/s"`` is (50, 1.0), ``"600/10s"`` (600, 10.0).
+
+    ``None`` is no limit. Raises :class:`ValueError` naming the accepted forms for anything else.
+    """
+    if value is None:
+        return None
+    match = _RATE.match(value) if isinstance(value, str) else None
+    if match is None or int(match.group(1)) <= 0 or match.group(2) == "0":
+        raise ValueError(
+            f"WEBSOCKET_RATE_LIMIT must be None or a rate such as \"50/s\", \"600/10s\" or "
+            f"\"1000/m\" (messages per period); it is {value!r}."
+        )
+    span = float(match.group(2) or 1) * _UNIT_SECONDS[match.group(3)]
+    return int(match.group(1)), span
 
 
 @dataclass(frozen=True)
@@ -38,6 +87,14 @@ class Limits:
     compression: bool = conf.DEFAULTS["WEBSOCKET_COMPRESSION"]
     broadcast_queue: int = conf.DEFAULTS["WEBSOCKET_BROADCAST_QUEUE"]
     broadcast_overflow: str = conf.DEFAULTS["WEBSOCKET_BROADCAST_OVERFLOW"]
+    #: Bytes (inflated, plus :data:`MESSAGE_OVERHEAD` each) queued for the
+    #: view, and waiting for the client; ``None``: counted in messages only.
+    max_queue_bytes: int | None = conf.DEFAULTS["WEBSOCKET_MAX_QUEUE_BYTES"]
+    #: Messages a client may send per period, as :func:`parse_rate` reads
+    #: ``WEBSOCKET_RATE_LIMIT``; ``None``: no limit.
+    rate_limit: tuple[int, float] | None = None
+    #: Groups one connection may be in at once; ``None``: no limit.
+    max_groups: int | None = conf.DEFAULTS["WEBSOCKET_MAX_GROUPS"]
 
     @classmethod
     def from_settings(cls) -> Limits:
@@ -51,6 +108,9 @@ class Limits:
             compression=bool(conf.get("WEBSOCKET_COMPRESSION")),
             broadcast_queue=conf.get("WEBSOCKET_BROADCAST_QUEUE"),
             broadcast_overflow=conf.get("WEBSOCKET_BROADCAST_OVERFLOW"),
+            max_queue_bytes=conf.get("WEBSOCKET_MAX_QUEUE_BYTES"),
+            rate_limit=parse_rate(conf.get("WEBSOCKET_RATE_LIMIT")),
+            max_groups=conf.get("WEBSOCKET_MAX_GROUPS"),
         )
 
 
@@ -68,6 +128,9 @@ Verdict = Literal["queued", "dropped", "overflow"]
 #: The close code and reason for a client cut for falling behind.
 OVERFLOW_CLOSE = (1013, "too slow for the broadcasts")
 
+#: The close code and reason for a client over ``WEBSOCKET_RATE_LIMIT`` (policy violation).
+RATE_CLOSE = (1008, "message rate limit exceeded")
+
 T = TypeVar("T")
 
 
@@ -80,20 +143,98 @@ STALL_SECONDS = 1.0
 #: WEBSOCKET_BROADCAST_QUEUE broadcasts wait for it: what a burst may queue is bounded.
 BURST_FACTOR = 16
 
+#: However fast a client reads, no more than this many times
+#: WEBSOCKET_MAX_QUEUE_BYTES bytes wait for it (16 MiB with the defaults).
+BURST_BYTES_FACTOR = 4
 
-def offer_verdict(waiting: int, stalled_for: float, limits: Limits) -> Verdict:
-    """What to do with a broadcast for a client that has *waiting* items not yet written.
+
+def offer_verdict(waiting: int, stalled_for: float, limits: Limits, waiting_bytes: int = 0) -> Verdict:
+    """What to do with a broadcast for a client that has *waiting* items (*waiting_bytes* bytes) not yet written.
 
     *stalled_for* is how long the client has gone without taking any. A client
-    counts as slow when WEBSOCKET_BROADCAST_QUEUE broadcasts wait for it and it
-    took none for :data:`STALL_SECONDS`, or when :data:`BURST_FACTOR` times that
-    many wait; a slow client is handled by WEBSOCKET_BROADCAST_OVERFLOW.
+    counts as slow when WEBSOCKET_BROADCAST_QUEUE broadcasts or
+    WEBSOCKET_MAX_QUEUE_BYTES bytes wait for it and it took none for
+    :data:`STALL_SECONDS`, or when :data:`BURST_FACTOR` times that many
+    broadcasts (:data:`BURST_BYTES_FACTOR` times that many bytes) wait; a
+    slow client is handled by WEBSOCKET_BROADCAST_OVERFLOW.
     """
-    if waiting < limits.broadcast_queue or (
-        stalled_for < STALL_SECONDS and waiting < BURST_FACTOR * limits.broadcast_queue
-    ):
+    max_bytes = limits.max_queue_bytes
+    full = waiting >= limits.broadcast_queue or (max_bytes is not None and waiting_bytes >= max_bytes)
+    if not full:
+        return "queued"
+    burst_over = waiting >= BURST_FACTOR * limits.broadcast_queue or (
+        max_bytes is not None and waiting_bytes >= BURST_BYTES_FACTOR * max_bytes
+    )
+    if stalled_for < STALL_SECONDS and not burst_over:
         return "queued"
     return "overflow" if limits.broadcast_overflow == "close" else "dropped"
+
+
+class RateMeter:
+    """``WEBSOCKET_RATE_LIMIT`` for one connection: a token bucket, refilled continuously.
+
+    A client may send the limit's count of messages at once, then at the
+    limit's pace. Owned by the one reader of the connection (the thread or
+    task that parses what the client sends): no lock.
+    """
+
+    __slots__ = ("_count", "_per_second", "_tokens", "_updated")
+
+    def __init__(self, limits: Limits) -> None:
+        rate = limits.rate_limit
+        self._count = float(rate[0]) if rate else 0.0
+        self._per_second = rate[0] / rate[1] if rate else 0.0
+        self._tokens = self._count
+        self._updated = time.monotonic()
+
+    def allow(self) -> bool:
+        """Count one message from the client; ``False`` if it is over the limit (close with :data:`RATE_CLOSE`)."""
+        if not self._count:
+            return True
+        now = time.monotonic()
+        self._tokens = min(self._count, self._tokens + (now - self._updated) * self._per_second)
+        self._updated = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+
+class ConnectionCount:
+    """The connections this process holds open, against ``WEBSOCKET_MAX_CONNECTIONS``.
+
+    A WebSocket connection takes a place when its handshake is checked,
+    before the view runs; a long-polling session when its ``open`` request
+    arrives, before a thread starts for its view. The place is given back
+    exactly once, when the connection is closed (see
+    ``dwebsocket.connection.Connection.admit``). ``_lock`` guards ``_open``.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open = 0
+
+    def take(self, limit: int | None) -> bool:
+        """Take a place, unless *limit* places are taken already; whether it was taken."""
+        with self._lock:
+            if limit is not None and self._open >= limit:
+                return False
+            self._open += 1
+            return True
+
+    def give_back(self) -> None:
+        """Give back a place taken with :meth:`take`."""
+        with self._lock:
+            self._open -= 1
+
+    @property
+    def open(self) -> int:
+        """How many places are taken now."""
+        return self._open
+
+
+#: This process's connections (WebSocket and long-polling alike).
+connections = ConnectionCount()
 
 
 class Outbox(Generic[T]):
@@ -102,17 +243,21 @@ class Outbox(Generic[T]):
     Broadcasts are *offered* (:meth:`offer`): that never waits, and a client
     that is slow by :func:`offer_verdict` is handled by
     ``WEBSOCKET_BROADCAST_OVERFLOW``. A view's own sends are *put*
-    (:meth:`put`): they wait for room instead, as a socket write waits for the
-    client to read. The writer side :meth:`take`\\ s items in order.
+    (:meth:`put`): they wait for room instead (``WEBSOCKET_BROADCAST_QUEUE``
+    items, ``WEBSOCKET_MAX_QUEUE_BYTES`` bytes), as a socket write waits for
+    the client to read. The writer side :meth:`take`\\ s items in order.
+    *size* tells what an item counts against the byte budget.
 
-    ``_cond`` (one lock) guards the queue and the closed flag; any thread may
-    call any method.
+    ``_cond`` (one lock) guards the queue, its byte count and the closed
+    flag; any thread may call any method.
     """
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: Limits, size: Callable[[T], int] | None = None) -> None:
         self._limits = limits
+        self._size: Callable[[T], int] = size or _no_size
         self._cond = threading.Condition()
         self._items: deque[T] = deque()
+        self._bytes = 0
         self._closed = False
         # When the writer last took an item, or the queue last became non-empty.
         self._progress = time.monotonic()
@@ -120,6 +265,11 @@ class Outbox(Generic[T]):
     def __len__(self) -> int:
         with self._cond:
             return len(self._items)
+
+    @property
+    def bytes(self) -> int:
+        """What the waiting items count against WEBSOCKET_MAX_QUEUE_BYTES (a snapshot)."""
+        return self._bytes
 
     def is_empty(self) -> bool:
         """Whether nothing waits, read without the lock (a snapshot: an item
@@ -135,12 +285,17 @@ class Outbox(Generic[T]):
             now = time.monotonic()
             if not self._items:
                 self._progress = now
-            verdict = offer_verdict(len(self._items), now - self._progress, self._limits)
+            verdict = offer_verdict(len(self._items), now - self._progress, self._limits, self._bytes)
             if verdict != "queued":
                 return verdict
-            self._items.append(item)
-            self._cond.notify_all()
+            self._append(item)
             return "queued"
+
+    def _append(self, item: T) -> None:
+        """Queue *item* last; hold ``_cond``."""
+        self._items.append(item)
+        self._bytes += self._size(item)
+        self._cond.notify_all()
 
     def overflowed(self) -> bool:
         """Whether the client is slow by :func:`offer_verdict` now and the policy is to close it.
@@ -152,13 +307,17 @@ class Outbox(Generic[T]):
             if not self._items or self._closed:
                 return False
             stalled_for = time.monotonic() - self._progress
-            return offer_verdict(len(self._items), stalled_for, self._limits) == "overflow"
+            return offer_verdict(len(self._items), stalled_for, self._limits, self._bytes) == "overflow"
 
     def put(self, item: T, timeout: float | None = None) -> bool:
         """Queue a view's send, waiting while the outbox is full; ``False`` once closed."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        size = self._size(item)
+        limits = self._limits
         with self._cond:
-            while len(self._items) >= self._limits.broadcast_queue and not self._closed:
+            while not self._closed and not has_room(
+                len(self._items), self._bytes, size, limits.broadcast_queue, limits.max_queue_bytes
+            ):
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
@@ -167,8 +326,7 @@ class Outbox(Generic[T]):
                 return False
             if not self._items:
                 self._progress = time.monotonic()
-            self._items.append(item)
-            self._cond.notify_all()
+            self._append(item)
             return True
 
     def take(self) -> T | None:
@@ -177,6 +335,7 @@ class Outbox(Generic[T]):
             if not self._items:
                 return None
             item = self._items.popleft()
+            self._bytes -= self._size(item)
             self._progress = time.monotonic()
             self._cond.notify_all()
             return item
@@ -189,6 +348,9 @@ class Outbox(Generic[T]):
     def replace_head(self, item: T) -> None:
         """Put *item* in place of the next one: what is left of it after a partial write."""
         with self._cond:
+            if not self._items:  # emptied meanwhile (the connection ended)
+                return
+            self._bytes += self._size(item) - self._size(self._items[0])
             self._items[0] = item
             self._progress = time.monotonic()
 
@@ -198,6 +360,7 @@ class Outbox(Generic[T]):
             if not self._items:
                 self._progress = time.monotonic()
             self._items.appendleft(item)
+            self._bytes += self._size(item)
             self._cond.notify_all()
 
     def take_all(self) -> list[T]:
@@ -205,6 +368,7 @@ class Outbox(Generic[T]):
         with self._cond:
             items = list(self._items)
             self._items.clear()
+            self._bytes = 0
             self._progress = time.monotonic()
             self._cond.notify_all()
             return items
@@ -225,3 +389,7 @@ class Outbox(Generic[T]):
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+
+
+def _no_size(item: object) -> int:
+    return 0

@@ -27,6 +27,7 @@
 
   var CONNECTING = 0, OPEN = 1, CLOSING = 2, CLOSED = 3;
   var SERVICE_RESTART = 1012;
+  var SEND_RETRY_MS = 250; // after a polling send the server answered 429 (its view is behind)
 
   function absoluteUrl(url, scheme) {
     var parsed = new URL(url, root.location.href);
@@ -149,6 +150,12 @@
       sending = true;
       var batch = queue.splice(0, queue.length);
       request("POST", "send", { messages: batch }).then(function (response) {
+        if (response.status === 429) {
+          // The view has not read what came before: send the same batch again, a little later.
+          queue = batch.concat(queue);
+          setTimeout(function () { sending = false; flush(); }, SEND_RETRY_MS);
+          return;
+        }
         if (!response.ok) throw new Error("send answered " + response.status);
         sending = false;
         flush();

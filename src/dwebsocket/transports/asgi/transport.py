@@ -8,6 +8,7 @@ events into the connection, and sends the view's messages and close.
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 import types
@@ -22,7 +23,7 @@ from ...connection import Link, wake_future
 from ...handshake import check_server_handshake
 from ...messages import Frame, Message
 from .. import restart
-from ..policy import OVERFLOW_CLOSE, offer_verdict, too_big
+from ..policy import OVERFLOW_CLOSE, RATE_CLOSE, RateMeter, offer_verdict, queued_size, too_big
 
 __all__ = ["AsgiOpener", "AsgiTransport", "Receive", "Scope", "Send"]
 
@@ -48,6 +49,11 @@ class _Finished(HttpResponse):
 
 
 _HANDED_OVER = 32  # sends a thread may hand to the loop before it waits for them
+
+# Close codes with which a client closes on purpose: what it sent before is
+# read by the view before the close. Any other (1005, 1006: the client is
+# gone) drops what the view had no room for.
+_CLEAN_CLOSES = (1000, 1001)
 
 Done = Callable[[bool], object]  # told whether a message was sent
 
@@ -154,10 +160,20 @@ class AsgiTransport:
         self._disconnected = False
         self._gone: asyncio.Future[None] | None = None
         self._receiver: asyncio.Task[None] | None = None
+        # Owned by the receive task (on the loop): messages received while the
+        # view's queue was full, what they count against
+        # WEBSOCKET_MAX_QUEUE_BYTES, and the server's receive() under way
+        # while they wait (see _next_event).
+        self._pending: deque[Message] = deque()
+        self._pending_bytes = 0
+        self._receiving: asyncio.Task[dict[str, Any]] | None = None
+        self._rate = RateMeter(self._limits)
         # Guarded by _offered_lock: broadcasts handed to the loop and not yet
-        # sent, and when one was last sent (or the first of them handed over).
+        # sent, their bytes, and when one was last sent (or the first of them
+        # handed over).
         self._offered_lock = threading.Lock()
         self._offered = 0
+        self._offered_bytes = 0
         self._progress = 0.0
 
     def start(self) -> None:
@@ -307,29 +323,32 @@ class AsgiTransport:
             now = time.monotonic()
             if not self._offered:
                 self._progress = now
-            verdict = offer_verdict(self._offered, now - self._progress, self._limits)
+            verdict = offer_verdict(self._offered, now - self._progress, self._limits, self._offered_bytes)
             if verdict == "queued":
                 self._offered += 1
+                self._offered_bytes += frame.size
         if verdict != "queued":
             if verdict == "overflow" and self._link.begin_close() is not None:
                 self._loop.call_soon_threadsafe(self._spawn, self.aclose(*OVERFLOW_CLOSE))
             return False
         message = frame.message
         event = {"type": "websocket.send", "text" if isinstance(message, str) else "bytes": message}
+        sent = functools.partial(self._offer_sent, frame.size)
         if self._on_loop():
-            self._submit(event, self._offer_sent)
+            self._submit(event, sent)
             return True
-        if not self._mailbox.post(self, event, self._offer_sent, frame):
-            self._offer_sent(False)
+        if not self._mailbox.post(self, event, sent, frame):
+            sent(False)
             return False
         return True
 
     def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
         self._loop.create_task(coroutine)
 
-    def _offer_sent(self, ok: bool) -> None:
+    def _offer_sent(self, size: int, ok: bool) -> None:
         with self._offered_lock:
             self._offered -= 1
+            self._offered_bytes -= size
             self._progress = time.monotonic()
 
     async def aclose(self, code: int, reason: str) -> None:
@@ -362,14 +381,21 @@ class AsgiTransport:
 
     async def _receive_loop(self) -> None:
         code, reason = 1006, ""
+        refusing = False  # closed for WEBSOCKET_RATE_LIMIT: nothing more is delivered
         try:
             while True:
-                event = await self._receive()
+                event = await self._next_event()
                 kind = event["type"]
                 if kind == "websocket.disconnect":
                     code, reason = event.get("code", 1005), event.get("reason") or ""
+                    if code in _CLEAN_CLOSES:
+                        # A client that said goodbye after what the view has not
+                        # read yet: the view reads it all before it sees the close.
+                        await self._drain_pending()
+                    # Otherwise the client is gone (uvicorn says 1005 for a lost
+                    # connection): what waits in _pending is dropped.
                     break
-                if kind != "websocket.receive":
+                if kind != "websocket.receive" or refusing:
                     continue
                 message: Message | None = event.get("text")
                 if message is None:
@@ -377,8 +403,13 @@ class AsgiTransport:
                 if too_big(message, self._limits):
                     await self.aclose(1009, "message too big")
                     continue
-                if not self._link.deliver_nowait(message):
-                    await self._wait_for_room(message)
+                if not self._rate.allow():
+                    refusing = True
+                    await self.aclose(*RATE_CLOSE)
+                    continue
+                if self._pending or not self._link.deliver_nowait(message):
+                    self._pending.append(message)  # the view's queue is full: see _next_event
+                    self._pending_bytes += queued_size(message)
         except asyncio.CancelledError:
             pass
         except Exception:  # the server lost the connection
@@ -386,21 +417,66 @@ class AsgiTransport:
         finally:
             self._disconnected = True
             restart.unregister(self)
+            if self._receiving is not None:
+                self._receiving.cancel()
+                self._receiving = None
+            self._pending.clear()  # nobody will take them: free them now
+            self._pending_bytes = 0
             if self._gone is not None and not self._gone.done():
                 self._gone.set_result(None)
             self._link.closed_with(code, reason)
 
-    async def _wait_for_room(self, message: Message) -> None:
-        """Backpressure: wait until the view has read enough to queue *message*."""
-        while True:
+    async def _next_event(self) -> dict[str, Any]:
+        """The server's next event; meanwhile, move what waits in ``_pending`` into the view's queue.
+
+        Backpressure without deafness: while the view's queue is full, what
+        arrives waits in ``_pending``, and the server is asked for more as
+        long as that holds less than WEBSOCKET_MAX_QUEUE_BYTES, so a client
+        that leaves (``websocket.disconnect``) behind a full queue is noticed.
+        Past that, no more is received until the view reads (the server then
+        stops reading the socket: its own backpressure). At most
+        WEBSOCKET_MAX_QUEUE_BYTES and one message wait here.
+        """
+        budget = self._limits.max_queue_bytes
+        while self._pending:
             room, listener = wake_future(self._loop)
             remove = self._link.listen(listener)
             try:
-                if self._link.deliver_nowait(message):
-                    return
-                await room
+                self._queue_pending()
+                if not self._pending:
+                    break
+                if self._receiving is None and (budget is None or self._pending_bytes < budget):
+                    self._receiving = asyncio.ensure_future(self._receive())
+                waits: set[asyncio.Future[Any]] = {room}
+                if self._receiving is not None:
+                    waits.add(self._receiving)
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                if self._receiving is not None and self._receiving.done():
+                    receiving, self._receiving = self._receiving, None
+                    return receiving.result()
             finally:
                 remove()
+        if self._receiving is not None:
+            receiving, self._receiving = self._receiving, None
+            return await receiving
+        return await self._receive()
+
+    async def _drain_pending(self) -> None:
+        """Wait until everything in ``_pending`` is in the view's queue."""
+        while self._pending:
+            room, listener = wake_future(self._loop)
+            remove = self._link.listen(listener)
+            try:
+                self._queue_pending()
+                if self._pending:
+                    await room
+            finally:
+                remove()
+
+    def _queue_pending(self) -> None:
+        """Move what waits in ``_pending`` into the view's queue while it has room."""
+        while self._pending and self._link.deliver_nowait(self._pending[0]):
+            self._pending_bytes -= queued_size(self._pending.popleft())
 
     async def afinish(self) -> None:
         """Close normally, then wait for the client's answer (bounded)."""

@@ -28,6 +28,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.http.response import HttpResponseBase
 
 from ... import conf
+from ...connection import Connection
 from ...handshake import HandshakeError, check_origin
 from ..opener import OPENER_KEY
 from ..policy import Limits, too_big
@@ -95,10 +96,30 @@ def session_of(request: HttpRequest) -> PollingSession | None:
     return opener.session if isinstance(opener, PollingOpener) else None
 
 
+_FULL = "this server holds as many connections as WEBSOCKET_MAX_CONNECTIONS allows; try again later"
+
+
+def _admit(session: PollingSession, request: HttpRequest) -> HttpResponseBase | None:
+    """Take the session's place among the process's connections before its view gets a thread; 503 if full.
+
+    The place is the connection's (``request.websocket``): it is given back
+    when the session ends, or when its view returns without accepting (see
+    :func:`_run_view`).
+    """
+    connection = request.__dict__.get("websocket")
+    if isinstance(connection, Connection) and not connection.admit(conf.get("WEBSOCKET_MAX_CONNECTIONS")):
+        session.give_up()
+        return _error(503, _FULL)
+    return None
+
+
 def start(
     session: PollingSession, view: View, request: HttpRequest, args: tuple[object, ...], kwargs: dict[str, object]
 ) -> HttpResponseBase:
     """Run *view* for *session* in a thread of its own; answer the ``open`` request."""
+    full = _admit(session, request)
+    if full is not None:
+        return full
     threading.Thread(
         target=_run_view, args=(session, view, request, args, kwargs),
         name="dwebsocket-polling-view", daemon=True,
@@ -115,6 +136,9 @@ async def astart(
     A sync view gets a thread of its own, as under WSGI; an async view runs
     as a task on the server's event loop.
     """
+    full = _admit(session, request)
+    if full is not None:
+        return full
     if iscoroutinefunction(view):
         task = asyncio.ensure_future(_arun_view(session, view, request, args, kwargs))
         _view_tasks.add(task)
@@ -146,7 +170,16 @@ def _run_view(
             session.close(1011, "internal error")
     finally:
         session.accepted.set()  # wake the open request if it still waits
+        _abandon(request)
         signals.request_finished.send(sender=PollingSession)
+
+
+def _abandon(request: HttpRequest) -> None:
+    """The view returned: its connection is closed, so its place is given back (see :func:`_admit`)."""
+    connection = request.__dict__.get("websocket")
+    connection = getattr(connection, "_ws", connection)  # an async view's AsyncWebSocket wraps it
+    if isinstance(connection, Connection):
+        connection.abandon()
 
 
 async def _arun_view(
@@ -162,6 +195,7 @@ async def _arun_view(
             await session.aclose(1011, "internal error")
     finally:
         session.accepted.set()
+        _abandon(request)
         # Django's own handlers (closing database connections) are sync.
         await sync_to_async(signals.request_finished.send, thread_sensitive=True)(sender=PollingSession)
 
@@ -245,6 +279,6 @@ def handle(request: HttpRequest, action: str) -> HttpResponseBase:
         return _error(413, f"a message is larger than WEBSOCKET_MAX_MESSAGE_SIZE ({limit})")
     if close is not None:
         found.close(close.code, close.reason, polled=False)
-    else:
-        found.send(messages)  # waits while the view's queue is full
+    elif not found.send(messages):  # never waits: a request thread is not the view's to hold
+        return _error(429, "the view has not read what was sent before; send again later")
     return HttpResponse(status=204)

@@ -430,8 +430,14 @@ class _RemoteSession:
             items.append(item)
         return wire.batch(items, None)
 
-    def send(self, messages: list[Message]) -> None:
+    def send(self, messages: list[Message]) -> bool:
+        # What waits in :in for the owner is bounded by WEBSOCKET_MAX_QUEUE, as
+        # the view's own queue is: past it the client gets 429 and sends again
+        # later. Two sends at the very same moment may both pass the check.
+        if messages and self._redis.llen(self._keys.inbound) >= Limits.from_settings().max_queue:
+            return False
         self._tell_owner([wire.dump_item(wire.encode(m)) for m in messages])
+        return True
 
     def close(self, code: int, reason: str, *, polled: bool) -> None:
         # Either way the keys outlive the close long enough for a last poll.

@@ -26,7 +26,7 @@ from ...connection import Link, wake_future
 from ...handshake import check_origin
 from ...messages import Frame, Message
 from .. import restart
-from ..policy import OVERFLOW_CLOSE
+from ..policy import OVERFLOW_CLOSE, RATE_CLOSE, RateMeter
 from . import wire
 from .store import Outbound, SessionStore
 
@@ -77,7 +77,7 @@ class _Accepted:
 class PollingSession:
     """The view's end of one client's polling session.
 
-    ``_lock`` guards ``_link``, ``_outbound``, ``_ended`` and
+    ``_lock`` guards ``_link``, ``_outbound``, ``_ended``, ``_rate`` and
     :attr:`subprotocol`: whether the view accepted (and through which link
     and queue it talks) and whether the session is over. The ``open`` answer
     (:meth:`give_up`) and a view accepting at that very moment agree on the
@@ -102,6 +102,8 @@ class PollingSession:
         self._link: Link | None = None
         self._outbound: Outbound | None = None
         self._ended = False
+        # WEBSOCKET_RATE_LIMIT for what the client sends; made at the accept.
+        self._rate: RateMeter | None = None
 
     def __repr__(self) -> str:
         return f"<PollingSession {self.sid[:8]}…>"
@@ -133,6 +135,7 @@ class PollingSession:
         """Record the accept; call with ``_lock`` held."""
         link.opened(transport)  # before the open answer can go out: a send may follow at once
         self._link, self._outbound, self.subprotocol = link, outbound, subprotocol
+        self._rate = RateMeter(link.limits)
         restart.register(self)
 
     def give_up(self) -> bool:
@@ -204,10 +207,23 @@ class PollingSession:
 
     # -- what the store hands over from the client (store.ViewEnd) ----------------
 
+    def _receiving(self, count: int) -> Link | None:
+        """The link to deliver *count* messages from the client to, or ``None`` to drop them.
+
+        Counts them against WEBSOCKET_RATE_LIMIT: a client over it is closed
+        with 1008 (its next poll gets the close) and what it sent is dropped.
+        """
+        with self._lock:
+            link, rate = self._link, self._rate
+            over = rate is not None and not all(rate.allow() for _ in range(count))
+        if over:
+            self.close(*RATE_CLOSE)
+            return None
+        return link
+
     def deliver(self, message: Message) -> None:
         """A message from the client; waits while the view's queue is full."""
-        with self._lock:
-            link = self._link
+        link = self._receiving(1)
         if link is not None:
             link.deliver(message)
 
@@ -215,7 +231,24 @@ class PollingSession:
         """A message from the client, unless the view's queue is full (then ``False``)."""
         with self._lock:
             link = self._link
-        return link is None or link.deliver_nowait(message)
+        if link is None:
+            return True
+        if not link.deliver_nowait(message):  # counted against the rate only once it is taken
+            return False
+        # Taken: now it counts (a message retried while the queue is full counts once).
+        self._receiving(1)
+        return True
+
+    def deliver_all_nowait(self, messages: list[Message]) -> bool:
+        """All of *messages* from the client, or none if the view's queue has no room for them."""
+        with self._lock:
+            link = self._link
+        if link is None:
+            return True
+        if not link.deliver_all_nowait(messages):
+            return False
+        self._receiving(len(messages))
+        return True
 
 
 class PollingTransport:

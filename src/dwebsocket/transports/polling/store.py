@@ -58,6 +58,9 @@ class ViewEnd(Protocol):
     def deliver_nowait(self, message: Message) -> bool:
         """Hand over a message unless the view's queue is full; ``False`` means retry later."""
 
+    def deliver_all_nowait(self, messages: list[Message]) -> bool:
+        """Hand over all of *messages*, or none if the view's queue has no room for them (``False``)."""
+
     def close(self, code: int, reason: str) -> None:
         """End the session (the client closed it, or stopped polling); idempotent."""
 
@@ -94,8 +97,13 @@ class ClientEnd(Protocol):
     async def atake(self, timeout: float) -> wire.Batch:
         """:meth:`take` from a coroutine, holding no thread while it waits."""
 
-    def send(self, messages: list[Message]) -> None:
-        """Hand the client's *messages* to the view, in order."""
+    def send(self, messages: list[Message]) -> bool:
+        """Hand the client's *messages* to the view, in order, without waiting.
+
+        ``False`` if the view's queue has no room for them: none was taken,
+        and the client sends them again later (429). A request thread never
+        waits for a view to read.
+        """
 
     def close(self, code: int, reason: str, *, polled: bool) -> None:
         """End the session with *code* and *reason*, as the view sees it.
@@ -252,9 +260,8 @@ class _LocalSession:
             self._polling -= 1
             self._last_seen = time.monotonic()
 
-    def send(self, messages: list[Message]) -> None:
-        for message in messages:
-            self.view.deliver(message)  # waits while the view's queue is full
+    def send(self, messages: list[Message]) -> bool:
+        return self.view.deliver_all_nowait(messages)
 
     def close_session(self, code: int, reason: str, polled: bool) -> None:
         self.view.close(code, reason)
@@ -292,8 +299,8 @@ class _ClientSide:
     async def atake(self, timeout: float) -> wire.Batch:
         return await self._session.atake(timeout)
 
-    def send(self, messages: list[Message]) -> None:
-        self._session.send(messages)
+    def send(self, messages: list[Message]) -> bool:
+        return self._session.send(messages)
 
     def close(self, code: int, reason: str, *, polled: bool) -> None:
         self._session.close_session(code, reason, polled)

@@ -7,9 +7,11 @@ server and the browser client cannot drift apart one module at a time. What
 
     POST ?dwebsocket=open      {"protocols": [P, ...]}     -> {"sid": S, "subprotocol": P or null, "timeout": T}
     GET  ?dwebsocket=poll&sid=S                            -> {"messages": [M, ...], "close": null or C}
-    POST ?dwebsocket=send&sid=S  {"messages": [M, ...]}    -> 204
+    POST ?dwebsocket=send&sid=S  {"messages": [M, ...]}    -> 204, or 429: the view is behind,
+                                                              none was taken; send them again later
     POST ?dwebsocket=close&sid=S {"code": N, "reason": R}  -> 204
     an error                                               -> {"error": "..."} with a 4xx or 5xx status
+                                                              (503 to an open: the process is full)
 
     M (a message) = {"text": "..."} | {"binary": "<base64>"}
     C (a close)   = {"code": N, "reason": "..."}

@@ -52,7 +52,7 @@ from ...connection import Link
 from ...messages import Frame, message_size
 from ...messages import Message as MessageData
 from .. import restart
-from ..policy import OVERFLOW_CLOSE, Limits, Outbox
+from ..policy import OVERFLOW_CLOSE, RATE_CLOSE, Limits, Outbox, RateMeter, has_room, queued_size
 from .hub import hub
 
 __all__ = ["SocketTransport"]
@@ -92,12 +92,18 @@ class SocketTransport:
         # hub), or a reader of the connection's own (gevent).
         self._on_demand = hub.reads
         # Guarded by _read_lock (see the module's docstring): the message being
-        # assembled, parsed messages the view's queue had no room for, the end.
+        # assembled, the parsed message the view's queue had no room for, the
+        # end. Parsing stops at the first message that finds no room (see
+        # _receive), so _pending holds at most one message, and _unparsed
+        # says that wsproto still holds bytes to parse before the next read.
         self._read_lock = threading.Lock()
         self._parts: list[str] | list[bytes] = []
         self._size = 0
         self._discarding = False
         self._pending: deque[MessageData] = deque()
+        self._unparsed = False
+        self._rate = RateMeter(limits)
+        self._refusing = False  # closed for WEBSOCKET_RATE_LIMIT: nothing more is delivered
         self._ended: tuple[int, str] | None = None
         # Whether the view's thread is the reader: the hub's interest in the
         # socket is off until the view stops reading for a tick (see check_clock).
@@ -121,7 +127,7 @@ class SocketTransport:
         # What the socket did not take at once: broadcasts (Frame) and the rest
         # of a frame written in part (bytes, always first). The outbox has its
         # own lock for the queue; taking from it happens under _lock.
-        self._outbox: Outbox[Frame | bytes] = Outbox(limits)
+        self._outbox: Outbox[Frame | bytes] = Outbox(limits, _outbox_size)
 
     def start(self) -> None:
         """Start reading frames (and keeping time, and writing what waits)."""
@@ -311,10 +317,13 @@ class SocketTransport:
         hub.disarm(self)
         self._pending.clear()
         while self._ended is None:
-            data = self._recv(deadline)
-            if data is None:
-                return  # the deadline passed
-            _messages, ended = self._receive(data or None)
+            if self._unparsed:  # what wsproto holds first (it parses one message a call: the queue is full)
+                _messages, ended = self._receive(None, feed=False)
+            else:
+                data = self._recv(deadline)
+                if data is None:
+                    return  # the deadline passed
+                _messages, ended = self._receive(data or None)
             if ended is not None:
                 self._end(*ended)
 
@@ -332,6 +341,7 @@ class SocketTransport:
     def _shutdown(self) -> None:
         """Shut the socket down once; its file descriptor stays the server's to close."""
         self._outbox.close()
+        self._outbox.take_all()  # nothing more is written: free what waited at once
         if self._is_shut_down:
             return
         # Unlocked: two threads may both get here, and a second shutdown() is harmless.
@@ -347,7 +357,7 @@ class SocketTransport:
         if self._outbox.overflowed():
             self._cut()
             return
-        if self._pending:  # the view's queue was full: see whether it has room now
+        if self._pending or self._unparsed:  # the view's queue was full: see whether it has room now
             self.on_readable(_peer_left(self._sock))
         elif self._view_reads:
             self._hand_back(now)
@@ -355,7 +365,7 @@ class SocketTransport:
             self._expire(1006, "no answer to the close frame")
             return
         interval, timeout = limits.ping_interval, limits.ping_timeout
-        if interval is None or self._delivering or self._pending:
+        if interval is None or self._delivering or self._pending or self._unparsed:
             return  # a reader waiting on the view is not a sign of a dead client
         sent = self._ping_sent_at
         if sent is not None:
@@ -404,9 +414,15 @@ class SocketTransport:
             if not self._view_reads:  # this thread reads now: the hub need not wake for it
                 self._view_reads = True
                 hub.disarm(self)
-            if self._pending and self._queue_pending():
-                return
-            while self._ended is None:
+            if self._pending:
+                self._queue_pending()
+                if self._link.queued():
+                    return  # what waited is the view's now
+            while self._ended is None and not self._pending:
+                if self._unparsed:  # what wsproto holds comes before any new read
+                    if self._take(None):
+                        return
+                    continue
                 data = self._recv(deadline)
                 if data is None:
                     return
@@ -449,15 +465,18 @@ class SocketTransport:
                 if hangup:  # the view is behind and its client left: let it go
                     self._end(1006, "")
                 return
-            data = self._recv(0.0)
-            if data is not None:
-                self._take(data)
+            if self._unparsed:  # the view made room: parse what wsproto holds first
+                self._take(None)
+            else:
+                data = self._recv(0.0)
+                if data is not None:
+                    self._take(data)
         except Exception:  # pragma: no cover - a bug in dwebsocket, not in the peer
             logger.exception("dwebsocket: reading the WebSocket failed")
             self._end(1011, "")
         finally:
             rearm = self._ended is None and not self._view_reads
-            stalled = bool(self._pending)
+            stalled = bool(self._pending) or self._unparsed
             self._read_lock.release()
         if rearm:
             hub.arm(self, hangup_only=stalled)
@@ -482,11 +501,13 @@ class SocketTransport:
         except OSError:
             return b""
 
-    def _take(self, data: bytes) -> bool:
-        """Parse *data* and queue what it completes; hold ``_read_lock``. Whether anything came of it."""
-        self._last_seen = time.monotonic()
-        self._ping_sent_at = None
-        messages, ended = self._receive(data or None)
+    def _take(self, data: bytes | None) -> bool:
+        """Parse *data* (``b""``: the client is gone; ``None``: only what wsproto holds) and queue
+        what it completes; hold ``_read_lock``. Whether anything came of it."""
+        if data is not None:
+            self._last_seen = time.monotonic()
+            self._ping_sent_at = None
+        messages, ended = self._receive(data or None, feed=data is not None)
         for message in messages:
             if self._pending or not self._link.deliver_nowait(message):
                 self._pending.append(message)  # the view's queue is full: stop reading
@@ -510,6 +531,8 @@ class SocketTransport:
         hub.remove(self)
         restart.unregister(self)
         self._shutdown()
+        self._pending.clear()  # nobody will take them: free them now
+        self._unparsed = False
         if self._expired is not None:
             code, reason = self._expired
         self._link.closed_with(code, reason)
@@ -519,10 +542,13 @@ class SocketTransport:
         code, reason = 1006, ""
         try:
             while True:
-                data = self._sock.recv(_RECV_SIZE)
-                self._last_seen = time.monotonic()
-                self._ping_sent_at = None
-                messages, ended = self._receive(data or None)
+                if self._unparsed:  # what wsproto still holds comes before any new read
+                    messages, ended = self._receive(None, feed=False)
+                else:
+                    data = self._sock.recv(_RECV_SIZE)
+                    self._last_seen = time.monotonic()
+                    self._ping_sent_at = None
+                    messages, ended = self._receive(data or None)
                 if messages:
                     self._delivering = True
                     for message in messages:
@@ -543,21 +569,48 @@ class SocketTransport:
             with self._read_lock:
                 self._end(code, reason)
 
-    def _receive(self, data: bytes | None) -> tuple[list[MessageData], tuple[int, str] | None]:
-        """Feed *data* to wsproto and act on what it parsed, in order."""
+    def _receive(
+        self, data: bytes | None, feed: bool = True
+    ) -> tuple[list[MessageData], tuple[int, str] | None]:
+        """Feed *data* to wsproto (``None``: the end) and act on what it parsed, in order.
+
+        With *feed* false, only parse what wsproto already holds. Parsing
+        stops at the first complete message the view's queue has no room for
+        (WEBSOCKET_MAX_QUEUE, WEBSOCKET_MAX_QUEUE_BYTES, by a snapshot taken
+        first: only the view takes messages away, so the room only grows):
+        the rest stays compressed in wsproto's buffer (``_unparsed``), so a
+        few kilobytes of deflate cannot inflate into more than that message.
+        """
         messages: list[MessageData] = []
         ended: tuple[int, str] | None = None
+        limits = self._limits
+        count, size = self._link.load()
         with self._lock:
             protocol = self._protocol
             if protocol.state is ConnectionState.CLOSED:
+                self._unparsed = False
                 return messages, (1006, "")  # bytes after the closing handshake: nothing to read
-            protocol.receive_data(data)
+            if feed:
+                protocol.receive_data(data)
+            self._unparsed = False
             out = bytearray()
             for event in protocol.events():
                 if isinstance(event, (TextMessage, BytesMessage)):
                     message = self._collect(event)
-                    if message is not None:
+                    if message is not None and self._refusing:
+                        pass  # closed for the rate limit: the client's answer is all that counts now
+                    elif message is not None and not self._rate.allow():
+                        self._refusing = True
+                        if protocol.state is ConnectionState.OPEN:
+                            self._close_sent_at = time.monotonic()
+                            out += protocol.send(CloseConnection(code=RATE_CLOSE[0], reason=RATE_CLOSE[1]))
+                    elif message is not None:
                         messages.append(message)
+                        adding = queued_size(message)
+                        if not has_room(count, size, adding, limits.max_queue, limits.max_queue_bytes):
+                            self._unparsed = True  # this one waits in _pending; the rest stays unparsed
+                            break
+                        count, size = count + 1, size + adding
                     elif self._discarding and protocol.state is ConnectionState.OPEN:
                         self._close_sent_at = time.monotonic()
                         out += protocol.send(CloseConnection(code=1009, reason="message too big"))
@@ -600,6 +653,11 @@ class SocketTransport:
         if isinstance(data, str):
             return "".join(parts)  # type: ignore[arg-type]
         return b"".join(parts)  # type: ignore[arg-type]
+
+
+def _outbox_size(item: Frame | bytes) -> int:
+    """What an item of the outbox counts against WEBSOCKET_MAX_QUEUE_BYTES."""
+    return len(item) if isinstance(item, bytes) else item.size
 
 
 def _peer_left(sock: socket.socket) -> bool:

@@ -22,6 +22,7 @@ DEFAULTS = bool(os.environ.get("BENCH_DEFAULTS"))
 CAPACITY = {} if DEFAULTS else {"capacity": 100_000}
 # dwebsocket
 WEBSOCKET_BROKER = REDIS_URL or "memory"
+WEBSOCKET_MAX_CONNECTIONS = None  # the benchmarks measure capacity (bench/idle.py: 10,000 in one process)
 if not DEFAULTS:
     WEBSOCKET_BROADCAST_QUEUE = 100_000
 # Channels

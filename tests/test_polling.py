@@ -353,3 +353,21 @@ def test_a_session_whose_owner_died_answers_404_within_seconds():
             assert took < 15, f"still served {took:.0f} s after its owner died: {statuses}"
             assert client.call("GET", "poll")[0] == 404
             assert client.send("after") == 404
+
+
+@pytest.mark.parametrize("kind", ["gthread", "uvicorn"])
+def test_polling_while_redis_is_down_answers_503_not_500(kind):
+    """An operator's fault is no client's error, and no traceback: 503, Retry-After, one log line."""
+    with start_redis() as redis_server:
+        env = {"DWS_TEST_BROKER": redis_server.url, "DWS_TEST_POLL_TIMEOUT": "1"}
+        with start_server(kind, env=env) as server:
+            client = PollClient(server, f"/echo/?id={uuid.uuid4().hex}")
+            assert client.open()[0] == 200
+            redis_server.stop()
+            try:
+                statuses = {client.call("GET", "poll")[0], client.send("while down")}
+            finally:
+                redis_server.start()
+            assert statuses == {503}
+            assert "Traceback" not in server.log_text()
+            assert "Redis" in server.log_text()

@@ -34,7 +34,7 @@ from ..opener import OPENER_KEY
 from ..policy import Limits, too_big
 from . import wire
 from .session import PollingOpener, PollingSession
-from .store import ClientEnd, LocalStore, SessionStore
+from .store import ClientEnd, LocalStore, SessionStore, StoreUnavailable
 
 __all__ = ["ACTIONS", "ahandle", "astart", "handle", "prepare_open", "session_of", "start"]
 
@@ -235,8 +235,23 @@ def _bad_action() -> HttpResponseBase:
     return _error(400, f"?dwebsocket= takes one of {', '.join(ACTIONS)}; open with POST")
 
 
+def _unavailable(exc: StoreUnavailable) -> HttpResponseBase:
+    """503 for a request the shared store could not serve: the client tries again (one log line)."""
+    logger.warning("dwebsocket: a long-polling request got 503: %s", exc)
+    response = _error(503, "the server's session store (Redis) did not answer; try again shortly")
+    response["Retry-After"] = "1"
+    return response
+
+
 async def ahandle(request: HttpRequest, action: str) -> HttpResponseBase:
     """:func:`handle` under an ASGI server: a poll holds no thread while it waits."""
+    try:
+        return await _ahandle(request, action)
+    except StoreUnavailable as exc:
+        return _unavailable(exc)
+
+
+async def _ahandle(request: HttpRequest, action: str) -> HttpResponseBase:
     if action != "poll":
         return await sync_to_async(handle, thread_sensitive=False)(request, action)
     found = _check(request, await _store().afind(request.GET.get("sid") or ""))
@@ -249,6 +264,13 @@ async def ahandle(request: HttpRequest, action: str) -> HttpResponseBase:
 
 def handle(request: HttpRequest, action: str) -> HttpResponseBase:
     """Answer a ``poll``, ``send`` or ``close`` request."""
+    try:
+        return _handle(request, action)
+    except StoreUnavailable as exc:
+        return _unavailable(exc)
+
+
+def _handle(request: HttpRequest, action: str) -> HttpResponseBase:
     if action not in ("poll", "send", "close"):
         return _bad_action()
     found = _check(request, _store().find(request.GET.get("sid") or ""))

@@ -39,12 +39,14 @@ no thread). Every client comes from :mod:`dwebsocket._redis`.
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import logging
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, TypeVar, cast
 
 import redis
 import redis.asyncio
@@ -54,7 +56,7 @@ from ... import _redis, conf
 from ...messages import Message
 from ..policy import OVERFLOW_CLOSE, Limits, Verdict, offer_verdict
 from . import wire
-from .store import ClientEnd, Outbound, ViewEnd
+from .store import ClientEnd, Outbound, StoreUnavailable, ViewEnd
 
 __all__ = ["RedisStore"]
 
@@ -64,6 +66,29 @@ _TTL = 3600  # seconds a session's queues and poll time outlive their last use a
 _OWNER_TTL = 10  # seconds a session's hash outlives the last heartbeat of its owner
 _HEARTBEAT = 3.0  # seconds between two heartbeats of an owner
 _BATCH = 1000  # items one round trip takes from a queue at most
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _unavailable(method: _F) -> _F:
+    """*method*, with a Redis error raised as :class:`StoreUnavailable` (a 503, not a 500)."""
+    if inspect.iscoroutinefunction(method):
+        @functools.wraps(method)
+        async def awrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await method(*args, **kwargs)
+            except redis.RedisError as exc:
+                raise StoreUnavailable(f"Redis did not answer ({exc})") from exc
+
+        return cast(_F, awrapper)
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"Redis did not answer ({exc})") from exc
+
+    return cast(_F, wrapper)
 
 
 class _Keys(NamedTuple):
@@ -156,12 +181,14 @@ class RedisStore:
         for name in keys:
             pipe.expire(name, _OWNER_TTL if name == keys.base else _TTL)
 
+    @_unavailable
     def find(self, sid: str) -> ClientEnd | None:
         if not sid:
             return None
         binding, owner = self._redis.hmget(_keys(sid).base, ["binding", "owner"])
         return self._found(sid, binding, owner)
 
+    @_unavailable
     async def afind(self, sid: str) -> ClientEnd | None:
         if not sid:
             return None
@@ -401,6 +428,7 @@ class _RemoteSession:
         self._owner = owner
         self.binding = binding
 
+    @_unavailable
     def take(self, timeout: float) -> wire.Batch:
         quick = self._redis
         quick.set(self._keys.seen, time.time(), ex=_TTL)
@@ -409,6 +437,7 @@ class _RemoteSession:
         quick.set(self._keys.seen, time.time(), ex=_TTL)
         return self._batch(raw)
 
+    @_unavailable
     async def atake(self, timeout: float) -> wire.Batch:
         client = _redis.aclient(self._url, timeout)
         await client.set(self._keys.seen, time.time(), ex=_TTL)
@@ -430,6 +459,7 @@ class _RemoteSession:
             items.append(item)
         return wire.batch(items, None)
 
+    @_unavailable
     def send(self, messages: list[Message]) -> bool:
         # What waits in :in for the owner is bounded by WEBSOCKET_MAX_QUEUE, as
         # the view's own queue is: past it the client gets 429 and sends again
@@ -439,6 +469,7 @@ class _RemoteSession:
         self._tell_owner([wire.dump_item(wire.encode(m)) for m in messages])
         return True
 
+    @_unavailable
     def close(self, code: int, reason: str, *, polled: bool) -> None:
         # Either way the keys outlive the close long enough for a last poll.
         self._tell_owner([wire.dump_item(wire.Close(code, reason))])

@@ -38,7 +38,11 @@ from ...messages import Message
 from ..policy import OVERFLOW_CLOSE, Limits, Outbox, Verdict
 from . import wire
 
-__all__ = ["ClientEnd", "LocalStore", "Outbound", "SessionStore", "ViewEnd"]
+__all__ = ["ClientEnd", "LocalStore", "Outbound", "SessionStore", "StoreUnavailable", "ViewEnd"]
+
+
+class StoreUnavailable(Exception):
+    """The shared store (Redis) did not answer: the request gets 503, and the client tries again."""
 
 
 class ViewEnd(Protocol):

@@ -25,6 +25,25 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 
 
+def process_tree(root_pid: int) -> list[int]:
+    """*root_pid* and every process below it, as /proc shows them now."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [root_pid]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
 def python_path(*directories: Path) -> str:
     """PYTHONPATH for a child process: this tree's ``src`` first, so tests run the code beside them."""
     return os.pathsep.join(str(d) for d in (SRC, *directories))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 import urllib.error
 import urllib.request
@@ -17,7 +16,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from .client import ws_connect
-from .servers import start_server
+from .servers import process_tree, start_server
 from .test_polling import PollClient
 from .test_reading import threads_of_tree
 
@@ -26,18 +25,8 @@ MiB = 1024 * 1024
 
 def rss_of_tree(root_pid: int) -> int:
     """Resident memory, in bytes, of *root_pid* and every process below it."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    total, todo = 0, [root_pid]
-    while todo:
-        pid = todo.pop()
+    total = 0
+    for pid in process_tree(root_pid):
         try:
             with open(f"/proc/{pid}/status") as status:
                 for line in status:
@@ -45,7 +34,6 @@ def rss_of_tree(root_pid: int) -> int:
                         total += int(line.split()[1]) * 1024
         except OSError:
             continue
-        todo.extend(children.get(pid, []))
     return total
 
 

@@ -18,28 +18,17 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from .client import result, ws_connect
-from .servers import start_server
+from .servers import process_tree, start_server
 
 
 def threads_of_tree(root_pid: int) -> int:
     """Threads of *root_pid* and of every process below it."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    total, todo = 0, [root_pid]
-    while todo:
-        pid = todo.pop()
+    total = 0
+    for pid in process_tree(root_pid):
         try:
             total += len(os.listdir(f"/proc/{pid}/task"))
         except OSError:
             continue
-        todo.extend(children.get(pid, []))
     return total
 
 

@@ -61,7 +61,9 @@ def test_polling_opens_beyond_max_connections_get_503_and_start_no_thread():
         statuses = [client.open()[0] for client in clients]
         assert statuses.count(200) == 10 and statuses.count(503) == 15, statuses
         time.sleep(0.3)
-        assert threads_of_tree(server.process.pid) - before <= 12
+        # 10 view threads, plus what a process starts on first use (the polling
+        # reaper, a pool thread or two for the requests); one per open would be 25+.
+        assert threads_of_tree(server.process.pid) - before <= 15
         # A session that ends gives its place back (once): one more open gets in, no more.
         opened = [client for client, status in zip(clients, statuses) if status == 200]
         assert opened[0].close() == 204

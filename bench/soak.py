@@ -55,7 +55,6 @@ class Tally:
     def __init__(self, members: list[Member]) -> None:
         self.got: dict[int, set[int]] = {id(m): set() for m in members}
         self.duplicates: dict[int, int] = {id(m): 0 for m in members}
-        self.cut_at: dict[int, float] = {}
 
     def deliver(self, member: Member, text: str, now: float) -> None:
         number = int(text.split(" ", 1)[0])
@@ -65,7 +64,7 @@ class Tally:
         seen.add(number)
 
     def disconnected(self, member: Member) -> None:
-        self.cut_at.setdefault(id(member), time.monotonic())
+        """A member cut (worker-kill) stops counting; fanout's Member calls this."""
 
 
 def _port(transport) -> int | None:

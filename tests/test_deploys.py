@@ -28,7 +28,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from .client import ws_connect
-from .servers import RunningServer, start_server
+from .servers import RunningServer, process_tree, start_server
 from .test_polling import PollClient
 
 CLOSE_TIMEOUT = 2.0  # WEBSOCKET_CLOSE_TIMEOUT in tests/project/settings.py
@@ -45,7 +45,13 @@ def _stop_and_time(server: RunningServer, group: bool) -> float:
     pid = server.main_pid
     started = time.monotonic()
     if group:
-        os.killpg(server.process.pid, signal.SIGTERM)
+        # Every process of the server once, as systemd's control-group stop does;
+        # not the test's `timeout` wrapper, which would pass a second SIGTERM to
+        # the main process (hypercorn's parent deadlocks on a second SIGTERM that
+        # lands inside its handler: docs/reliability.md).
+        for member in process_tree(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(member, signal.SIGTERM)
     else:
         os.kill(pid, signal.SIGTERM)
     return started

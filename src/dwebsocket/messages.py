@@ -87,14 +87,35 @@ class Frame:
     :attr:`message`.
     """
 
-    __slots__ = ("message", "size", "_data", "_after")
+    __slots__ = ("message", "size", "group", "position", "_data", "_after", "_variants")
 
-    def __init__(self, message: Message) -> None:
+    def __init__(self, message: Message, group: str | None = None, position: object = None) -> None:
         self.message = message
         self.size = message_size(message)
+        #: The group it is broadcast to, if any.
+        self.group = group
+        #: Its place in the group's history (a ``dwebsocket.groups.history.Position``), if it has one.
+        self.position = position
         self._data: bytes | None = None
         # Owned by the broadcasting thread: what to do once every member has it.
         self._after: list[Callable[[], object]] = []
+        # Frames derived from this one for members that need another form (see
+        # variant()); key -> frame. A race builds one twice, harmlessly.
+        self._variants: dict[object, Frame] | None = None
+
+    def variant(self, key: object, build: Callable[[Message], Message]) -> Frame:
+        """The frame of ``build(message)``, built once per broadcast for every member that asks with *key*.
+
+        Its :meth:`offered` runs with this frame's, so a transport may wait
+        for either.
+        """
+        variants = self._variants
+        if variants is None:
+            variants = self._variants = {}
+        frame = variants.get(key)
+        if frame is None:
+            frame = variants[key] = Frame(build(self.message), self.group, self.position)
+        return frame
 
     def after_offered(self, callback: Callable[[], object]) -> None:
         """Call *callback* once the frame has been offered to every member.
@@ -109,6 +130,9 @@ class Frame:
         callbacks, self._after = self._after, []
         for callback in callbacks:
             callback()
+        if self._variants:
+            for frame in list(self._variants.values()):
+                frame.offered()
 
     @property
     def data(self) -> bytes:

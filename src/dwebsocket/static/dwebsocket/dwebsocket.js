@@ -1,16 +1,19 @@
 /*
  * dwebsocket.js: a WebSocket-like client for dwebsocket views, with a
- * long-polling fallback and automatic reconnection. No build step, no
- * dependencies. Load it as a classic script (window.DWebSocket) or import it
- * as an ES module (export default / export { DWebSocket }).
+ * long-polling fallback, automatic reconnection and recovery of the group
+ * broadcasts missed while reconnecting. No build step, no dependencies. Load
+ * it as a classic script (window.DWebSocket) or import it as an ES module
+ * (export default / export { DWebSocket }).
  *
  *   const socket = new DWebSocket("/ws/chat/", {
  *     protocols: [],                       // subprotocols, as for WebSocket
  *     transports: ["websocket", "polling"], // tried in this order
  *     reconnect: true,                     // or {initialDelay, maxDelay, maxBuffer}
  *     connectTimeout: 10000,               // ms a transport may take to open
+ *     positions: {},                       // {group: "epoch:seq"}, pinned by {% websocket_position %}
+ *     recoverTimeout: 3000,                // ms after an open that "recover" waits for the joins
  *   });
- *   socket.onopen / onmessage / onclose / onerror, addEventListener(...)
+ *   socket.onopen / onmessage / onclose / onerror / onrecover, addEventListener(...)
  *   socket.send(text or ArrayBuffer/Blob/TypedArray), socket.close(code, reason)
  *
  * Differences from WebSocket, on purpose: after a close other than a clean
@@ -21,6 +24,18 @@
  * does not open within connectTimeout counts as failed (a proxy that holds the
  * handshake), and a poll that is not answered connectTimeout after the server's
  * poll timeout counts as a lost connection (a server or network gone silent).
+ *
+ * Recovery (docs/delivery.md), over the WebSocket transport: the client offers
+ * the "dwebsocket.v1" subprotocol (each page subprotocol p as
+ * "dwebsocket.v1+p", then "dwebsocket.v1"). If the server takes it, every
+ * message in either direction is a header, "\n", then the payload; the page
+ * sees only payloads, and `protocol` is the page's own subprotocol. The client
+ * keeps the position of the last broadcast it got from each group and the ids
+ * of its last 5 connections, and sends them on every reconnect (query
+ * parameter "dwebsocket.v1"); the server first replays what the page missed.
+ * Then "recover" fires once: event.recovered (false if some broadcasts were no
+ * longer kept) and event.groups ({group: {recovered, position}}). The
+ * long-polling transport speaks plain messages (no recovery) for now.
  */
 (function (root) {
   "use strict";
@@ -28,6 +43,9 @@
   var CONNECTING = 0, OPEN = 1, CLOSING = 2, CLOSED = 3;
   var SERVICE_RESTART = 1012;
   var SEND_RETRY_MS = 250; // after a polling send the server answered 429 (its view is behind)
+  var PROTOCOL = "dwebsocket.v1"; // the subprotocol of docs/delivery.md, and its resume query parameter
+  var KEPT_CONNECTION_IDS = 5;
+  var NEWLINE = 0x0a;
 
   function absoluteUrl(url, scheme) {
     var parsed = new URL(url, root.location.href);
@@ -59,15 +77,77 @@
     return bytes.buffer;
   }
 
+  /* -- dwebsocket.v1 messages: header "\n" payload ------------------------- */
+
+  // What the page offers: "dwebsocket.v1+<p>" for each of its subprotocols, then "dwebsocket.v1".
+  function offeredProtocols(protocols) {
+    if (typeof protocols === "string") protocols = [protocols];
+    return protocols.map(function (p) { return PROTOCOL + "+" + p; }).concat([PROTOCOL]);
+  }
+
+  // The server's answer: null if it speaks plain WebSocket, else the page's own subprotocol ("" if none).
+  function acceptedProtocol(answer) {
+    if (typeof answer !== "string" || answer.indexOf(PROTOCOL) !== 0) return null;
+    var rest = answer.slice(PROTOCOL.length);
+    return rest.charAt(0) === "+" ? rest.slice(1) : "";
+  }
+
+  var utf8Decoder = null;
+  function decodeUtf8(bytes) {
+    if (!utf8Decoder) utf8Decoder = new root.TextDecoder("utf-8");
+    return utf8Decoder.decode(bytes);
+  }
+
+  // Splits a message (a string, or an ArrayBuffer) into {header, payload}:
+  // header is null for an empty header (a plain message), the parsed JSON
+  // object otherwise, or undefined if it is not one (the message is then
+  // ignored); the payload keeps the message's type. A message without a
+  // newline is taken as a payload without a header. For either transport.
+  function parseMessage(data) {
+    var header, index;
+    if (typeof data === "string") {
+      index = data.indexOf("\n");
+      if (index < 0) return { header: null, payload: data };
+      header = data.slice(0, index);
+      data = data.slice(index + 1);
+    } else {
+      var bytes = new Uint8Array(data);
+      index = bytes.indexOf(NEWLINE);
+      if (index < 0) return { header: null, payload: data };
+      header = decodeUtf8(bytes.subarray(0, index));
+      data = data.slice(index + 1);
+    }
+    if (!header) return { header: null, payload: data };
+    try { header = JSON.parse(header); } catch (e) { header = undefined; }
+    if (header === null || typeof header !== "object" || Array.isArray(header)) header = undefined;
+    return { header: header, payload: data };
+  }
+
+  // A message with an empty header, as the page's send() gave it (a string or an ArrayBuffer).
+  function plainMessage(data) {
+    if (typeof data === "string") return "\n" + data;
+    var framed = new Uint8Array(data.byteLength + 1);
+    framed[0] = NEWLINE;
+    framed.set(new Uint8Array(data), 1);
+    return framed.buffer;
+  }
+
   /* -- the WebSocket transport --------------------------------------------- */
 
   function WebSocketTransport(owner) {
-    var ws, opened = false, failed = false, timer = null;
+    var ws, opened = false, failed = false, timer = null, session = false;
     this.name = "websocket";
+    this.resumed = []; // the groups the resume parameter of this connection named
+    this.session = false; // true once the server took dwebsocket.v1
     this.start = function () {
       if (typeof root.WebSocket !== "function") { owner._transportFailed(this, "no WebSocket"); return; }
+      var url = absoluteUrl(owner.url, "ws"), resume = owner._resume();
+      if (resume) {
+        url.searchParams.set(PROTOCOL, JSON.stringify(resume));
+        this.resumed = Object.keys(resume.p);
+      }
       try {
-        ws = new root.WebSocket(absoluteUrl(owner.url, "ws").toString(), owner._protocols);
+        ws = new root.WebSocket(url.toString(), offeredProtocols(owner._protocols));
       } catch (error) { owner._transportFailed(this, error); return; }
       ws.binaryType = "arraybuffer";
       var self = this;
@@ -85,15 +165,23 @@
         if (failed) return;
         opened = true;
         root.clearTimeout(timer);
-        owner._transportOpened(self, ws.protocol || "");
+        var protocol = acceptedProtocol(ws.protocol);
+        session = protocol !== null;
+        self.session = session;
+        owner._transportOpened(self, session ? protocol : ws.protocol || "");
       };
-      ws.onmessage = function (event) { if (opened) owner._received(event.data); };
+      ws.onmessage = function (event) {
+        if (!opened) return;
+        if (!session) { owner._received(event.data); return; }
+        var message = parseMessage(event.data);
+        owner._receivedMessage(self, message.header, message.payload);
+      };
       ws.onclose = function (event) {
         if (!opened) fail("handshake failed");
         else owner._transportClosed(self, event.code, event.reason, event.wasClean);
       };
     };
-    this.send = function (data) { ws.send(data); };
+    this.send = function (data) { ws.send(session ? plainMessage(data) : data); };
     this.close = function (code, reason) { try { ws.close(code, reason); } catch (e) { ws.close(); } };
   }
 
@@ -197,7 +285,7 @@
     this.protocol = "";
     this.transport = null; // "websocket" or "polling" once open
     this.binaryType = "blob";
-    this.onopen = this.onmessage = this.onclose = this.onerror = null;
+    this.onopen = this.onmessage = this.onclose = this.onerror = this.onrecover = null;
     this._protocols = options.protocols || [];
     this._connectTimeout = options.connectTimeout || 10000;
     this._transports = options.transports || ["websocket", "polling"];
@@ -206,6 +294,15 @@
       maxDelay: reconnect.maxDelay || 10000,
       maxBuffer: reconnect.maxBuffer || 1000,
     } : null;
+    this._recoverTimeout = options.recoverTimeout === undefined ? 3000 : options.recoverTimeout;
+    // Per group, the position ("epoch:seq") of the last broadcast received, or a pinned one.
+    this._positions = {};
+    var pinned = options.positions || {};
+    Object.keys(pinned).forEach(function (group) {
+      if (typeof pinned[group] === "string" && pinned[group]) this._positions[group] = pinned[group];
+    }, this);
+    this._connectionIds = []; // the ids of the last connections (welcome), oldest first
+    this._recovery = null; // {transport, groups: {group: result or null}, timer} until "recover" fires
     this._listeners = {};
     this._buffer = [];
     this._attempt = 0;
@@ -259,6 +356,7 @@
     this.protocol = protocol;
     if (this._closedByUser) { transport.close(1000, ""); return; }
     this.readyState = OPEN;
+    if (transport.session && transport.resumed.length) this._startRecovery(transport);
     this._emit("open");
     var buffered = this._buffer.splice(0, this._buffer.length);
     buffered.forEach(function (data) { transport.send(data); });
@@ -271,9 +369,83 @@
     this._emit("message", { data: data });
   };
 
+  // A message of a dwebsocket.v1 connection: header (null: none, undefined: unreadable) and payload.
+  DWebSocket.prototype._receivedMessage = function (transport, header, payload) {
+    if (transport !== this._active) return;
+    if (header === null) { this._received(payload); return; }
+    if (header === undefined) return;
+    var group = typeof header.g === "string" ? header.g : null;
+    if (header.t === undefined) {
+      if (group === null) return; // not a broadcast: a header of a later version
+      if (typeof header.p === "string") this._positions[group] = header.p;
+      this._received(payload);
+    } else if (header.t === "welcome") {
+      if (typeof header.id !== "string") return;
+      this._connectionIds.push(header.id);
+      if (this._connectionIds.length > KEPT_CONNECTION_IDS) this._connectionIds.shift();
+    } else if (header.t === "joined") {
+      if (group === null) return;
+      var position = typeof header.p === "string" && header.p ? header.p : null;
+      if (position) this._positions[group] = position;
+      else delete this._positions[group]; // the group keeps no history: nothing to resume from
+      this._joined(transport, group, header.r === true, position);
+    } else if (header.t === "left") {
+      if (group !== null) delete this._positions[group];
+    }
+    // Any other "t": a message of a later version, ignored.
+  };
+
+  // The resume parameter for the next connection, or null if there is nothing to tell.
+  DWebSocket.prototype._resume = function () {
+    var groups = Object.keys(this._positions);
+    if (!groups.length && !this._connectionIds.length) return null;
+    var positions = {};
+    groups.forEach(function (group) { positions[group] = this._positions[group]; }, this);
+    return { p: positions, x: this._connectionIds.slice() };
+  };
+
+  DWebSocket.prototype._startRecovery = function (transport) {
+    var self = this, groups = {};
+    transport.resumed.forEach(function (group) { groups[group] = null; });
+    this._recovery = {
+      transport: transport,
+      groups: groups,
+      timer: root.setTimeout(function () { self._recovered(transport); }, this._recoverTimeout),
+    };
+  };
+
+  DWebSocket.prototype._joined = function (transport, group, recovered, position) {
+    var recovery = this._recovery;
+    if (!recovery || recovery.transport !== transport || !(group in recovery.groups)) return;
+    if (recovery.groups[group] !== null) return; // joined again: the first join told
+    recovery.groups[group] = { recovered: recovered, position: position };
+    var groups = recovery.groups;
+    if (Object.keys(groups).every(function (g) { return groups[g] !== null; })) this._recovered(transport);
+  };
+
+  // Fires "recover" for the connection of *transport*: every group it named joined, or the time is up.
+  DWebSocket.prototype._recovered = function (transport) {
+    var recovery = this._recovery;
+    if (!recovery || recovery.transport !== transport) return;
+    this._recovery = null;
+    root.clearTimeout(recovery.timer);
+    var groups = {}, all = true;
+    Object.keys(recovery.groups).forEach(function (group) {
+      var result = recovery.groups[group] || { recovered: false, position: null }; // not joined in time
+      groups[group] = result;
+      all = all && result.recovered;
+    });
+    this._emit("recover", { recovered: all, groups: groups });
+  };
+
   DWebSocket.prototype._transportClosed = function (transport, code, reason, wasClean) {
     if (transport !== this._active) return;
     this._active = null;
+    if (this._recovery && this._recovery.transport === transport) {
+      // Lost before it could tell: the next connection resumes from where this one got.
+      root.clearTimeout(this._recovery.timer);
+      this._recovery = null;
+    }
     this._lost(code, reason, wasClean);
   };
 

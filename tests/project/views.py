@@ -379,6 +379,18 @@ async def async_group_chat(request, name):
         broadcast(name, message, exclude=ws)
 
 
+@require_websocket
+def recover_chat(request):
+    """Joins group ?group=, broadcasts what the client sends to the others, and
+    answers the sender "sent <message>" once the broadcast is made."""
+    ws = request.websocket
+    name = request.GET["group"]
+    ws.join(name)
+    for message in ws:
+        broadcast(name, message, exclude=ws)
+        ws.send(f"sent {message if isinstance(message, str) else message.hex()}")
+
+
 def presence(request, name):
     return JsonResponse({
         "size": group_size(name),

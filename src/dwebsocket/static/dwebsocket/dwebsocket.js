@@ -134,20 +134,22 @@
 
   /* -- the WebSocket transport --------------------------------------------- */
 
-  function WebSocketTransport(owner) {
+  // plain: offer only the page's own subprotocols (a server that does not speak dwebsocket.v1).
+  function WebSocketTransport(owner, plain) {
     var ws, opened = false, failed = false, timer = null, session = false;
     this.name = "websocket";
+    this.plain = !!plain;
     this.resumed = []; // the groups the resume parameter of this connection named
     this.session = false; // true once the server took dwebsocket.v1
     this.start = function () {
       if (typeof root.WebSocket !== "function") { owner._transportFailed(this, "no WebSocket"); return; }
-      var url = absoluteUrl(owner.url, "ws"), resume = owner._resume();
+      var url = absoluteUrl(owner.url, "ws"), resume = plain ? null : owner._resume();
       if (resume) {
         url.searchParams.set(PROTOCOL, JSON.stringify(resume));
         this.resumed = Object.keys(resume.p);
       }
       try {
-        ws = new root.WebSocket(url.toString(), offeredProtocols(owner._protocols));
+        ws = new root.WebSocket(url.toString(), plain ? owner._protocols : offeredProtocols(owner._protocols));
       } catch (error) { owner._transportFailed(this, error); return; }
       ws.binaryType = "arraybuffer";
       var self = this;
@@ -344,6 +346,15 @@
   DWebSocket.prototype._transportFailed = function (transport, error) {
     if (transport !== this._pending) return;
     this._pending = null;
+    // A browser fails a handshake whose answer names no subprotocol when one was
+    // offered, and a server that does not speak dwebsocket.v1 (an older one, or
+    // another) answers so to a page that asked for none: try a failed handshake
+    // once more without dwebsocket.v1 before the next transport.
+    if (transport.name === "websocket" && !transport.plain && error === "handshake failed") {
+      this._pending = new WebSocketTransport(this, true);
+      this._pending.start();
+      return;
+    }
     this._connect(this._transportIndex + 1);
   };
 

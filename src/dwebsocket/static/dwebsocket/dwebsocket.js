@@ -34,8 +34,10 @@
  * of its last 5 connections, and sends them on every reconnect (query
  * parameter "dwebsocket.v1"); the server first replays what the page missed.
  * Then "recover" fires once: event.recovered (false if some broadcasts were no
- * longer kept) and event.groups ({group: {recovered, position}}). The
- * long-polling transport speaks plain messages (no recovery) for now.
+ * longer kept) and event.groups ({group: {recovered, position}}). A server
+ * whose answer does not name dwebsocket.v1 gets plain WebSocket (a failed
+ * handshake is tried once more without offering it). The long-polling
+ * transport speaks plain messages (no recovery) for now.
  */
 (function (root) {
   "use strict";

@@ -6,6 +6,10 @@ management command, a task-queue worker. The broker (``WEBSOCKET_BROKER``)
 carries broadcasts between processes: ``"memory"`` (the default) within one
 process, ``"redis://..."`` across every process and host that share a Redis.
 
+Each group keeps its recent broadcasts, numbered (its history,
+``WEBSOCKET_HISTORY_SIZE``), so a reconnecting client can get what it missed:
+see :mod:`.history` and docs/delivery.md.
+
 A broadcast is framed once and offered to each member's transport, which
 never makes the broadcaster wait; see ``WEBSOCKET_BROADCAST_QUEUE``.
 """
@@ -31,6 +35,7 @@ __all__ = [
     "group_size",
     "join",
     "leave",
+    "position",
     "registry",
     "wait_join",
 ]
@@ -82,6 +87,20 @@ def broadcast(group: str, message: Message, exclude: object = None) -> None:
     (docs/reliability.md).
     """
     get_broker().publish(group, check_message(message), _exclude_id(exclude))
+
+
+def position(group: str) -> str | None:
+    """*group*'s current history position, ``"<epoch>:<seq>"``: its last broadcast's (seq 0 before any).
+
+    A page rendered now can pin it (``{% websocket_position "lobby" %}``), so
+    that ``dwebsocket.js`` recovers the broadcasts made between the render
+    and the socket's open (docs/delivery.md). ``None`` when history is off
+    (``WEBSOCKET_HISTORY_SIZE = 0``) or cannot be read (Redis failing); it
+    waits at most ``_redis.PRESENCE_TIMEOUT`` (1 s) for Redis.
+    """
+    _check_group(group)
+    found = get_broker().position(group)
+    return None if found is None else str(found)
 
 
 def group_size(group: str) -> int:

@@ -214,6 +214,21 @@ def _uncount(data: bytes, position: int) -> tuple[str, int]:
 _MAX_LENGTH_DIGITS = 10  # digits of a field's length, at most
 
 
+def _position(group: str, epoch: object, seq: object) -> Position | None:
+    """The position a script or the meta hash gave; ``None`` (with a warning) if the counter is malformed.
+
+    Only a counter written by something else than dwebsocket can be: Redis is
+    shared, and nothing read from it may make a caller raise.
+    """
+    try:
+        if not isinstance(epoch, bytes):
+            raise ValueError(f"its epoch is a {type(epoch).__name__}")
+        return Position.parse(f"{epoch.decode('ascii')}:{int(seq)}")  # type: ignore[call-overload]
+    except (TypeError, ValueError) as exc:  # UnicodeDecodeError included
+        logger.warning("dwebsocket: skipped the malformed history counter of group %r: %s", group, exc)
+        return None
+
+
 def _entry(epoch: str, entry_id: bytes, fields: dict[bytes, bytes]) -> tuple[int, Entry]:
     """One history stream entry: (its time in ms, the broadcast); ``ValueError`` or ``KeyError`` if malformed."""
     seq, dash, zero = entry_id.decode("ascii").partition("-")
@@ -273,11 +288,18 @@ class RedisBroker:
     **Positions.** With history on, every broadcast that reaches Redis gets
     the group's next position from the publish script, and every member
     gets it with that position, in position order: through Redis that is the
-    channel's order. A publisher that delivers to its own members itself
-    because its listener is not live for the group yet (its subscription is
-    pending) does so holding ``_order``, as the listener does for each
-    broadcast it delivers, so those deliveries keep their order too. A
-    broadcast that fails to reach Redis has no position.
+    channel's order. So a publisher whose members' subscription is pending
+    (a join just asked for it) waits for it, at most ``PUBLISH_TIMEOUT``:
+    delivering them itself meanwhile would put its broadcasts before older
+    ones of other processes that the new subscription brings. If it still is
+    not live after that, the publisher delivers to its own members itself,
+    holding ``_order`` from before it takes the position, and
+    the listener holds it to go live for a group and to deliver each
+    broadcast: so a broadcast delivered by its publisher comes before every
+    later one the listener delivers. A broadcast that fails to reach Redis
+    has no position. (When the listener loses its subscription without
+    knowing yet, Redis restarting, concurrent publishers deliver themselves
+    without that order: that history is lost anyway, see docs/reliability.md.)
 
     ``_lock`` guards ``_wanted``, ``_presence``, ``_changes``, ``_requested``,
     ``_done`` (what the listener must do next, and how far it got),
@@ -336,21 +358,32 @@ class RedisBroker:
 
     def publish(self, group: str, message: Message, exclude: str | None) -> bool:
         """Publish through Redis; ``False`` if only this process's members got it."""
+        settings = configured()
         with self._lock:
             reachable, live, wanted = self._reachable, group in self._live, group in self._wanted
+            if settings is not None and reachable and wanted and not live:
+                # Our members' subscription is on its way (a join just made
+                # it): wait for it, bounded, so that they get this broadcast
+                # in the channel's order, with everyone else's.
+                self._applied.wait_for(
+                    lambda: group in self._live or not self._reachable or group not in self._wanted,
+                    _redis.PUBLISH_TIMEOUT,
+                )
+                reachable, live, wanted = self._reachable, group in self._live, group in self._wanted
         if not reachable:  # the breaker is open: fail fast
             self._registry.deliver(group, message, exclude)
             return False
-        settings = configured()
         if settings is None:
             return self._publish(group, message, exclude, live)
         if live or not wanted:  # the channel orders our members' deliveries, or we have none
             return self._publish_kept(group, message, exclude, live, settings)
-        with self._order:
+        with self._order:  # see the class: our members get it from us, in order with the listener's
+            with self._lock:
+                live = group in self._live  # the listener may have gone live meanwhile
             return self._publish_kept(group, message, exclude, live, settings)
 
     def _publish(self, group: str, message: Message, exclude: str | None, live: bool) -> bool:
-        """Publish without a position (history off)."""
+        """Publish without a position (history off, or Redis would not run the history script)."""
         if not live:  # our listener would not get it back
             self._registry.deliver(group, message, exclude)
         number = next(self._count)
@@ -385,7 +418,6 @@ class RedisBroker:
                     "t" if isinstance(message, str) else "b", exclude or "",
                 ],
             )
-            position = Position(epoch.decode("ascii"), int(seq))
         except redis.ResponseError as exc:  # Redis answered, but would not run it (its data, its version)
             logger.warning(
                 "dwebsocket: could not keep a broadcast to group %r in its history (%s); "
@@ -398,6 +430,7 @@ class RedisBroker:
             self._registry.deliver(group, message, exclude)  # local delivery goes on, without a position
             self._outage(exc)
             return False
+        position = _position(group, epoch, seq)
         if not live or not receivers:
             # Our listener does not get it back: not subscribed (yet), or it
             # lost its subscription (Redis restarted) and does not know yet.
@@ -420,7 +453,7 @@ class RedisBroker:
             epoch, seq = self._position_script(
                 keys=[_meta_key(group), _history_key(group)], args=[new_epoch(), META_TTL], client=self._reader
             )
-            return Position(epoch.decode("ascii"), int(seq))
+            return _position(group, epoch, seq)
         except redis.ResponseError as exc:
             logger.warning("dwebsocket: could not read the position of group %r (%s)", group, exc)
             return None
@@ -448,10 +481,8 @@ class RedisBroker:
         if epoch is None:  # no counter: the history is lost; start a new one
             current = self.position(group)
             return None if current is None else Recovery([], current, False)
-        try:
-            current = Position.parse(f"{epoch.decode('ascii')}:{int(seq or 0)}")
-        except (UnicodeDecodeError, ValueError) as exc:
-            logger.warning("dwebsocket: skipped the malformed history counter of group %r: %s", group, exc)
+        current = _position(group, epoch, seq or 0)
+        if current is None:
             return None
         oldest = int(seconds) * 1000 + int(micros) // 1000 - round(settings[1] * 1000)
         entries, malformed = [], False
@@ -649,9 +680,10 @@ class RedisBroker:
                 pending[group] = left
                 return
             pending.pop(group, None)
-            with self._lock:
+            with self._order, self._lock:  # not while a publisher delivers itself: see the class
                 if group in subscribed:
                     self._live.add(group)  # from now on our own broadcasts come back to us
+                    self._applied.notify_all()  # publishers waiting for it
                 else:
                     self._live.discard(group)
         elif kind == "message":

@@ -254,3 +254,13 @@ def test_the_position_helper_and_tag_render_the_group_s_current_position():
     with override_settings(WEBSOCKET_HISTORY_SIZE=0):
         assert position("units-history-tag") is None
         assert Template("{% load dwebsocket %}[{% websocket_position 'units-history-tag' %}]").render(Context()) == "[]"
+
+
+def test_counters_made_by_reads_only_are_dropped_too():
+    clock = Clock()
+    history = MemoryHistory(100, 10.0, clock)
+    for n in range(100):
+        history.position(f"asked-{n}")
+    clock.now += META_TTL + 1
+    history.position("another")
+    assert list(history._groups) == ["another"]

@@ -82,9 +82,10 @@ def broadcast(group: str, message: Message, exclude: object = None) -> None:
     *exclude* is a connection (or its ``id``) that should not get it, usually
     the sender. Callable from anywhere, sync or async code alike: it never
     waits for the members. With a Redis broker it waits at most
-    ``_redis.PUBLISH_TIMEOUT`` (1 s) for Redis, and not at all while Redis is
-    failing: then only this process's members get it, and it does not raise
-    (docs/reliability.md).
+    ``_redis.PUBLISH_TIMEOUT`` (1 s) for Redis (as long again while this
+    process's subscription to *group*, which a join asked for, is pending:
+    docs/reliability.md), and not at all while Redis is failing: then only
+    this process's members get it, and it does not raise.
     """
     get_broker().publish(group, check_message(message), _exclude_id(exclude))
 

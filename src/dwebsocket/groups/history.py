@@ -142,8 +142,8 @@ class MemoryHistory:
     process starts new histories), and a counter dropped after a day of
     silence comes back under a new epoch.
 
-    Expired entries and counters are dropped lazily by :meth:`append`, a
-    bounded amount of work per call (amortised O(1)): no thread.
+    Expired entries and counters are dropped lazily by each call, a bounded
+    amount of work per call (amortised O(1)): no thread.
 
     ``_lock`` guards ``_groups`` (group -> its :class:`_Group`, least
     recently broadcast to first) and ``_fresh`` (the groups whose ring may
@@ -182,14 +182,17 @@ class MemoryHistory:
         It starts the group's counter if there is none, so that a position
         handed out before the first broadcast stays valid.
         """
+        now = self._clock()
         with self._lock:
-            record = self._group(group, self._clock())
+            self._expire(now)  # counters made here are dropped too
+            record = self._group(group, now)
             return Position(record.epoch, record.seq)
 
     def since(self, group: str, position: Position) -> Recovery:
         """Every kept broadcast of *group* after *position*, and whether none is missing."""
         now = self._clock()
         with self._lock:
+            self._expire(now)
             record = self._group(group, now)
             self._trim(record, now)
             current = Position(record.epoch, record.seq)

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from .messages import Frame, Message, check_close_code, check_message
+from .session import Session, plain
 from .transports.policy import Limits, connections, has_room, queued_size
 
 __all__ = ["CLOSED", "CLOSING", "CONNECTING", "OPEN", "Connection", "Link", "Transport", "wake_future"]
@@ -106,6 +107,9 @@ class Connection:
         self._pump: Callable[[float | None], None] | None = None
         self._listeners: set[Callable[[], object]] = set()
         self._close_hooks: list[Callable[[Link], object]] = []
+        # The dwebsocket.v1 session, if the client speaks it: set once, before
+        # the transport is, and read without a lock from then on.
+        self._session: Session | None = None
         #: A unique id for this connection, across every process of a deployment.
         self.id = uuid.uuid4().hex
         self._link = Link(self)
@@ -248,7 +252,11 @@ class Connection:
         message = check_message(message)
         self._start()
         transport = self._open_transport()
-        return transport is not None and transport.send(message)
+        if transport is None:
+            return False
+        if self._session is not None:
+            message = plain(message)
+        return transport.send(message)
 
     def close(self, code: int = 1000, reason: str = "") -> None:
         """Start the closing handshake with *code* and *reason*; idempotent.
@@ -356,6 +364,11 @@ class Link:
         c = self._ref()
         if c is None:
             return True
+        if c._session is not None:
+            payload = c._session.inbound(message)
+            if payload is None:
+                return True
+            message = payload
         deadline = None if timeout is None else time.monotonic() + timeout
         with c._cond:
             while c._state == OPEN and not c._has_room(message):
@@ -376,6 +389,11 @@ class Link:
         c = self._ref()
         if c is None:
             return True
+        if c._session is not None:
+            payload = c._session.inbound(message)
+            if payload is None:
+                return True
+            message = payload
         with c._cond:
             if c._state == OPEN and not c._has_room(message):
                 return False
@@ -393,6 +411,9 @@ class Link:
         c = self._ref()
         if c is None:
             return True
+        session = c._session
+        if session is not None:
+            messages = [p for p in map(session.inbound, messages) if p is not None]
         limits = c._limits
         with c._cond:
             if c._state != OPEN:
@@ -495,7 +516,10 @@ class Link:
         # Read without _cond, on the hot path of a broadcast: a connection that
         # closes meanwhile is refused by its transport, which checks its own state.
         transport = c._transport
-        return transport is not None and c._state == OPEN and transport.offer(frame)
+        if transport is None or c._state != OPEN:
+            return False
+        session = c._session
+        return transport.offer(frame) if session is None else session.offer(frame, transport)
 
     def __repr__(self) -> str:
         c = self._ref()

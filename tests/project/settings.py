@@ -63,6 +63,7 @@ WEBSOCKET_MAX_QUEUE_BYTES = int(os.environ.get("DWS_TEST_MAX_QUEUE_BYTES", str(4
 WEBSOCKET_MAX_CONNECTIONS = int(os.environ.get("DWS_TEST_MAX_CONNECTIONS", "1000"))
 WEBSOCKET_RATE_LIMIT = os.environ.get("DWS_TEST_RATE_LIMIT") or None
 WEBSOCKET_MAX_GROUPS = int(os.environ.get("DWS_TEST_MAX_GROUPS", "100"))
+WEBSOCKET_HISTORY_SIZE = int(os.environ.get("DWS_TEST_HISTORY_SIZE", "100"))
 
 LOGGING = {
     "version": 1,

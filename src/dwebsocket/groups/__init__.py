@@ -23,6 +23,7 @@ from .. import conf
 from ..connection import Link
 from ..messages import Message, check_message
 from .brokers import Broker, make_broker
+from .history import Position
 from .registry import Member, Registry
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "get_broker",
     "group_members",
     "group_size",
+    "history_since",
     "join",
     "leave",
     "position",
@@ -198,3 +200,32 @@ def _remove(link: Link, group: str, broker: Broker) -> bool:
 def _check_group(group: str) -> None:
     if not isinstance(group, str) or not group or len(group) > 200:
         raise ValueError(f"A group name is a non-empty string of at most 200 characters, not {group!r}.")
+
+
+def history_since(
+    group: str, asked: tuple[str, int] | None
+) -> tuple[list[tuple[Position, Message, str | None]], Position | None, bool | None]:
+    """What a connection rejoining *group* missed after position *asked*: (entries, current position, complete).
+
+    With *asked* ``None`` (the client had no position) there is nothing to
+    recover: no entries, the current position, and ``None``. Without history
+    (``WEBSOCKET_HISTORY_SIZE = 0``, or Redis unreachable) the position is
+    ``None`` and, if something was asked, complete is ``False``.
+    """
+    broker = get_broker()
+    if asked is None:
+        return [], broker.position(group), None
+    recovery = broker.since(group, Position(*asked))
+    if recovery is None:
+        return [], None, False
+    entries = [(e.position, e.message, e.exclude) for e in recovery.entries]
+    return entries, recovery.position, recovery.complete
+
+
+async def ahistory_since(
+    group: str, asked: tuple[str, int] | None
+) -> tuple[list[tuple[Position, Message, str | None]], Position | None, bool | None]:
+    """:func:`history_since` without blocking the event loop (a Redis broker is asked in a thread)."""
+    if get_broker().synchronous:
+        return history_since(group, asked)
+    return await asyncio.get_running_loop().run_in_executor(None, history_since, group, asked)

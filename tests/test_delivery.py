@@ -230,6 +230,20 @@ def test_a_broadcast_that_excluded_the_client_is_not_replayed(server: RunningSer
     sender.close()
 
 
+@pytest.mark.parametrize("kind", ["gthread", "gevent", "uvicorn", "runserver"])
+def test_the_heartbeat_is_answered_also_while_the_view_is_busy(kind: str) -> None:
+    with start_server(kind) as running:
+        idle = SessionClient(running, "/echo/").connect()
+        busy = SessionClient(running, "/busy-echo/?first=read&busy=5").connect()
+        busy.send("one")
+        assert busy.recv() == (None, "one")  # the view sleeps from now on
+        for client in (idle, busy):
+            client.ws.send('{"t":"ping"}\n')
+            assert SessionClient._split(client.ws.recv(2)) == ({"t": "pong"}, "")
+        idle.close()
+        busy.close()
+
+
 # -- across processes, through Redis ------------------------------------------------
 
 
@@ -302,3 +316,34 @@ def test_redis_restarted_empty_is_not_recovered_and_live_traffic_resumes(
     header, payload = member.recv()
     assert payload == "after 0" and header["p"].split(":")[0] == joined["p"].split(":")[0]
     member.close()
+
+
+# -- over long-polling ---------------------------------------------------------------
+
+
+def _split(raw: Any) -> tuple[dict[str, Any] | None, Any]:
+    return SessionClient._split(raw)
+
+
+@pytest.mark.parametrize("kind", ["gthread", "uvicorn"])
+def test_recovery_over_long_polling(kind: str) -> None:
+    from .test_polling import PollClient
+
+    with start_server(kind) as server:
+        first = PollClient(server, "/group/polled/")
+        status, body = first.open(["dwebsocket.v1"])
+        assert status == 200 and body["subprotocol"] == "dwebsocket.v1"
+        welcome, joined, view = (_split(m)[0] or _split(m)[1] for m in first.receive(3))
+        assert welcome["t"] == "welcome" and joined["t"] == "joined" and view.startswith("joined ")
+        assert first.send("\nhello from polling") == 204
+        first.close()
+        http_broadcast(server, "polled", 3, "away")
+        resume = json.dumps({"p": {"polled": joined["p"]}, "x": [welcome["id"]]})
+        again = PollClient(server, "/group/polled/?" + urllib.parse.urlencode({PROTOCOL: resume}))
+        assert again.open(["dwebsocket.v1"])[0] == 200
+        got = [_split(m) for m in again.receive(6)]
+        assert got[0][0]["t"] == "welcome"
+        assert [p for h, p in got[1:4]] == ["away 0", "away 1", "away 2"]  # not its own "hello"
+        assert got[4][0]["t"] == "joined" and got[4][0]["r"] is True
+        assert got[5] == (None, f"joined {got[0][0]['id']}")
+        again.close()

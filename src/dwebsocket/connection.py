@@ -365,7 +365,7 @@ class Link:
         if c is None:
             return True
         if c._session is not None:
-            payload = c._session.inbound(message)
+            payload = c._session.inbound(message, c._transport)
             if payload is None:
                 return True
             message = payload
@@ -390,7 +390,7 @@ class Link:
         if c is None:
             return True
         if c._session is not None:
-            payload = c._session.inbound(message)
+            payload = c._session.inbound(message, c._transport)
             if payload is None:
                 return True
             message = payload
@@ -413,7 +413,7 @@ class Link:
             return True
         session = c._session
         if session is not None:
-            messages = [p for p in map(session.inbound, messages) if p is not None]
+            messages = [p for p in (session.inbound(m, c._transport) for m in messages) if p is not None]
         limits = c._limits
         with c._cond:
             if c._state != OPEN:

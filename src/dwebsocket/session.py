@@ -171,8 +171,12 @@ class Session:
 
     # -- from the client ------------------------------------------------------
 
-    def inbound(self, message: Message) -> Message | None:
-        """The payload of a received message for the view; ``None`` for one that is not for it."""
+    def inbound(self, message: Message, transport: _Transport | None) -> Message | None:
+        """The payload of a received message for the view; ``None`` for one that is not for it.
+
+        A ``ping`` is answered with a ``pong`` on *transport* at once: the
+        client's heartbeat, by which it notices a connection that went silent.
+        """
         newline = message.find("\n" if isinstance(message, str) else b"\n")  # type: ignore[arg-type]
         if newline == 0:
             return message[1:]
@@ -181,7 +185,10 @@ class Session:
                 self._warned = True
                 logger.warning("dwebsocket: a dwebsocket.v1 client sent a message without a header; passed on whole")
             return message
-        return None  # a header: nothing the client sends with one is for the view (yet)
+        header = message[:newline]
+        if header in _PINGS and transport is not None:
+            _offer_one(transport, control("pong"))
+        return None  # nothing else the client sends with a header is for the view
 
     # -- broadcasts -----------------------------------------------------------
 
@@ -269,6 +276,7 @@ class Session:
 
 
 _PLAIN = "dwebsocket.v1 plain"
+_PINGS = ('{"t":"ping"}', b'{"t":"ping"}')
 _BROADCAST = "dwebsocket.v1 broadcast"
 
 

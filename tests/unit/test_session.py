@@ -51,11 +51,19 @@ def test_take_resume_leaves_the_rest_of_the_query() -> None:
 
 
 def test_inbound_strips_the_empty_header_and_keeps_the_type() -> None:
-    session = Session("me", None)
-    assert session.inbound("\nhello\nworld") == "hello\nworld"
-    assert session.inbound(b"\n\x00") == b"\x00"
-    assert session.inbound('{"t":"later"}\n') is None  # a header: not for the view
-    assert session.inbound("no header") == "no header"
+    session, transport = Session("me", None), Recorder()
+    assert session.inbound("\nhello\nworld", transport) == "hello\nworld"
+    assert session.inbound(b"\n\x00", transport) == b"\x00"
+    assert session.inbound('{"t":"later"}\n', transport) is None  # a header: not for the view
+    assert session.inbound("no header", transport) == "no header"
+    assert transport.sent == []
+
+
+def test_a_ping_is_answered_at_once() -> None:
+    session, transport = Session("me", None), Recorder()
+    assert session.inbound('{"t":"ping"}\n', transport) is None
+    assert session.inbound(b'{"t":"ping"}\n', transport) is None
+    assert transport.sent == ['{"t":"pong"}\n', '{"t":"pong"}\n']
 
 
 def test_broadcasts_carry_group_and_position_and_are_sent_once() -> None:

@@ -27,15 +27,18 @@ class SessionClient:
     """A dwebsocket.v1 client: what dwebsocket.js does, in Python, for tests."""
 
     def __init__(self, server: RunningServer, path: str, positions: dict[str, str] | None = None,
-                 ids: list[str] | None = None, protocols: list[str] | None = None) -> None:
+                 ids: list[str] | None = None, protocols: list[str] | None = None,
+                 client: str | None = None) -> None:
         self.positions: dict[str, str] = dict(positions or {})
         self.ids: list[str] = list(ids or [])
         self.server, self.path, self.protocols = server, path, protocols or []
         self.controls: list[dict[str, Any]] = []
         self.ws: Any = None
+        self.client = client  # numbers its messages (acknowledged sends) when set
+        self.welcome: dict[str, Any] = {}
 
     def connect(self) -> SessionClient:
-        resume = {k: v for k, v in (("p", self.positions), ("x", self.ids[-5:])) if v}
+        resume = {k: v for k, v in (("p", self.positions), ("x", self.ids[-5:]), ("c", self.client)) if v}
         path = self.path
         if resume:
             sep = "&" if "?" in path else "?"
@@ -46,6 +49,7 @@ class SessionClient:
         welcome = self._control(self.ws.recv(10))
         assert welcome["t"] == "welcome", welcome
         self.ids.append(welcome["id"])
+        self.welcome = welcome
         return self
 
     @staticmethod
@@ -91,6 +95,18 @@ class SessionClient:
 
     def send(self, payload: Any) -> None:
         self.ws.send(("\n" + payload) if isinstance(payload, str) else (b"\n" + payload))
+
+    def send_numbered(self, number: int, payload: str) -> None:
+        self.ws.send(json.dumps({"n": number}) + "\n" + payload)
+
+    def acks(self, timeout: float = 0.5) -> list[int]:
+        """The acknowledgements received so far, reading what arrives within *timeout*."""
+        with contextlib.suppress(TimeoutError):
+            while True:
+                header, payload = self._split(self.ws.recv(timeout))
+                if header and "t" in header:
+                    self.controls.append(header)
+        return [c["n"] for c in self.controls if c["t"] == "ack"]
 
     def close(self) -> None:
         self._stack.close()
@@ -244,6 +260,68 @@ def test_the_heartbeat_is_answered_also_while_the_view_is_busy(kind: str) -> Non
         busy.close()
 
 
+def _observed(observer: Any, timeout: float = 1.0) -> list[str]:
+    """What a plain group member receives until *timeout* passes without a message."""
+    got = []
+    with contextlib.suppress(TimeoutError):
+        while True:
+            got.append(observer.recv(timeout))
+    return got
+
+
+def _acked_sends(first: RunningServer, second: RunningServer, group: str) -> None:
+    """A page's numbered messages reach the view once, across a reconnect (to *second*)."""
+    with ws_connect(first, f"/group/{group}/") as observer:
+        assert observer.recv(10).startswith("joined ")
+        sender = SessionClient(first, f"/group/{group}/", client="page-" + group).connect()
+        assert sender.welcome["n"] == 0
+        sender.send_numbered(1, "a")
+        sender.send_numbered(2, "b")
+        sender.send_numbered(2, "b")  # a copy: dropped
+        assert observer.recv(10) == "a" and observer.recv(10) == "b"
+        assert sender.acks()[-1] == 2
+        sender.close()
+        sender.server = second
+        sender.connect()
+        assert sender.welcome["n"] == 2  # the page sends again only what came after
+        sender.send_numbered(2, "b")  # sent again all the same: dropped
+        sender.send_numbered(3, "c")
+        assert _observed(observer) == ["c"]
+        assert sender.acks()[-1] == 3
+        sender.close()
+        stranger = SessionClient(first, f"/group/{group}/", client="another-page").connect()
+        assert stranger.welcome["n"] == 0
+        stranger.close()
+    plain = SessionClient(first, "/echo/").connect()
+    assert "n" not in plain.welcome  # a client that does not number its messages
+    plain.send_numbered(1, "ignored")  # a numbered message from it is not for the view
+    plain.send("plain")
+    assert plain.recv() == (None, "plain")
+    plain.close()
+
+
+def test_acknowledged_sends_reach_the_view_once(server: RunningServer) -> None:
+    _acked_sends(server, server, f"acks-{server.kind}")
+
+
+@pytest.mark.parametrize("kind", ["gthread", "uvicorn"])
+def test_a_message_the_view_never_read_is_not_acknowledged_and_comes_again(kind: str) -> None:
+    with start_server(kind) as running:
+        sender = SessionClient(running, "/busy-echo/?first=read&busy=3", client="slow-page").connect()
+        sender.send_numbered(1, "one")
+        assert sender.recv() == (None, "one")
+        sender.send_numbered(2, "two")  # the view sleeps: nobody reads it
+        assert sender.acks(0.5) == [1]
+        sender.close()  # two is lost with the connection: not acknowledged, so the page keeps it
+        sender.path = "/echo/"
+        sender.connect()
+        assert sender.welcome["n"] == 1
+        sender.send_numbered(2, "two")
+        assert sender.recv() == (None, "two")
+        assert sender.acks()[-1] == 2
+        sender.close()
+
+
 # -- across processes, through Redis ------------------------------------------------
 
 
@@ -287,6 +365,10 @@ def test_a_client_recovers_on_another_process_than_the_one_it_lost(
         assert member.recv()[1].startswith("joined ")
         assert member.recv()[1] == "live on second"
     member.close()
+
+
+def test_acknowledged_sends_across_processes(two_processes: tuple[RunningServer, RunningServer]) -> None:
+    _acked_sends(*two_processes, "acks-redis")
 
 
 def test_redis_restarted_empty_is_not_recovered_and_live_traffic_resumes(

@@ -27,6 +27,7 @@ import json
 import logging
 import threading
 import urllib.parse
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -45,6 +46,7 @@ RESUME_PARAMETER = "dwebsocket.v1"
 _PREFIX = PROTOCOL + "+"
 _MAX_IDS = 16  # earlier connection ids a resume may name (dwebsocket.js sends 5)
 _MAX_RESUME = 64 * 1024  # bytes of resume parameter read at most
+_MAX_CLIENT = 64  # characters of a client id
 
 
 class _Transport(Protocol):
@@ -78,6 +80,7 @@ class Resume:
 
     positions: dict[str, tuple[str, int]] = field(default_factory=dict)
     ids: list[str] = field(default_factory=list)
+    client: str | None = None  # the page's id, the same on every connection it makes
 
 
 def parse_position(text: object) -> tuple[str, int] | None:
@@ -112,6 +115,9 @@ def parse_resume(text: str) -> Resume:
     ids = data.get("x")
     if isinstance(ids, list):
         resume.ids = [i for i in ids if isinstance(i, str)][:_MAX_IDS]
+    client = data.get("c")
+    if isinstance(client, str) and 0 < len(client) <= _MAX_CLIENT:
+        resume.client = client
     return resume
 
 
@@ -168,27 +174,50 @@ class Session:
         # replay is sent. Guarded by _lock.
         self._held: dict[str, list[Frame]] = {}
         self._warned = False
+        #: The page's id, if it numbers its messages (acknowledged sends).
+        self.client = resume.client
+        # Guarded by the connection's lock (Connection._cond), not _lock: the
+        # number of the last numbered message queued for the view (a message
+        # numbered this or lower is a copy the client sent again), and the
+        # number of each queued message (None for an unnumbered one), in queue order.
+        self.accepted = 0
+        self.numbers: deque[int | None] = deque()
 
     # -- from the client ------------------------------------------------------
 
-    def inbound(self, message: Message, transport: _Transport | None) -> Message | None:
-        """The payload of a received message for the view; ``None`` for one that is not for it.
+    def inbound(self, message: Message, transport: _Transport | None) -> tuple[Message, int | None] | None:
+        """A received message for the view: its payload and its number (acknowledged sends), if it has one.
 
-        A ``ping`` is answered with a ``pong`` on *transport* at once: the
-        client's heartbeat, by which it notices a connection that went silent.
+        ``None`` for a message that is not for the view. A ``ping`` is
+        answered with a ``pong`` on *transport* at once: the client's
+        heartbeat, by which it notices a connection that went silent.
         """
         newline = message.find("\n" if isinstance(message, str) else b"\n")  # type: ignore[arg-type]
         if newline == 0:
-            return message[1:]
+            return message[1:], None
         if newline < 0:
             if not self._warned:
                 self._warned = True
                 logger.warning("dwebsocket: a dwebsocket.v1 client sent a message without a header; passed on whole")
-            return message
+            return message, None
         header = message[:newline]
-        if header in _PINGS and transport is not None:
-            _offer_one(transport, control("pong"))
+        if header in _PINGS:
+            if transport is not None:
+                _offer_one(transport, control("pong"))
+            return None
+        try:
+            fields = json.loads(header)
+        except ValueError:  # UnicodeDecodeError included
+            return None
+        number = fields.get("n") if isinstance(fields, dict) else None
+        if isinstance(number, int) and not isinstance(number, bool) and number > 0 and self.client is not None:
+            return message[newline + 1:], number
         return None  # nothing else the client sends with a header is for the view
+
+    def acknowledge(self, number: int, transport: _Transport | None) -> None:
+        """The view has read the client's message *number*: tell the client, which stops keeping it."""
+        if transport is not None:
+            _offer_one(transport, control("ack", n=number))
 
     # -- broadcasts -----------------------------------------------------------
 
@@ -262,9 +291,16 @@ class Session:
         with self._lock:
             self._held.pop(group, None)
 
-    def welcome(self, transport: _Transport) -> None:
-        """Send the first message of the connection: its id, which ``exclude=`` names it by."""
-        _offer_one(transport, control("welcome", id=self.id))
+    def welcome(self, transport: _Transport, read: int | None = None) -> None:
+        """Send the first message of the connection: its id, which ``exclude=`` names it by.
+
+        With *read* (the client numbers its messages), also the number of the
+        last of them the views have read: the client sends the later ones again.
+        """
+        if read is None:
+            _offer_one(transport, control("welcome", id=self.id))
+        else:
+            _offer_one(transport, control("welcome", id=self.id, n=read))
 
     def left(self, group: str, transport: _Transport | None) -> None:
         """The view left *group*: the client forgets its position."""

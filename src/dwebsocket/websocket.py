@@ -183,11 +183,28 @@ class WebSocket(Connection):
             self._wire_subprotocol = self._subprotocol
         return True
 
-    def _welcome(self) -> None:
-        """A dwebsocket.v1 connection just opened: tell the client its id."""
+    def _welcome(self, read: int | None) -> None:
+        """A dwebsocket.v1 connection just opened: tell the client its id (and *read*, see :meth:`_last_read`)."""
         transport = self._open_transport()
-        if self._session is not None and transport is not None:
-            self._session.welcome(transport)
+        session = self._session
+        if session is not None and transport is not None:
+            if read is not None:
+                with self._cond:
+                    session.accepted = max(session.accepted, read)
+            session.welcome(transport, read)
+
+    def _last_read(self) -> int | None:
+        """For a client that numbers its messages: the last of them a view has read (0: none)."""
+        session = self._session
+        if session is None or session.client is None:
+            return None
+        return groups.last_read(session.client)
+
+    def _acknowledge(self, number: int) -> None:
+        session = self._session
+        if session is not None and session.client is not None:
+            groups.record_read(session.client, number)
+            session.acknowledge(number, self._open_transport())
 
     def _start(self) -> None:
         if self._state != CONNECTING:
@@ -197,8 +214,8 @@ class WebSocket(Connection):
                 return
             if self._opener.open(self._link, self._wire_subprotocol) is None:
                 self._link.closed_with(1006)
-            else:
-                self._welcome()
+            elif self._session is not None:
+                self._welcome(self._last_read())
 
     async def _astart(self) -> None:
         if self._state != CONNECTING:
@@ -212,8 +229,12 @@ class WebSocket(Connection):
                 return
             if await self._opener.aopen(self._link, self._wire_subprotocol) is None:
                 self._link.closed_with(1006)
-            else:
-                self._welcome()
+            elif self._session is not None:
+                if self._session.client is None or groups.get_broker().synchronous:
+                    read = self._last_read()
+                else:  # Redis: not on the event loop
+                    read = await asyncio.get_running_loop().run_in_executor(None, self._last_read)
+                self._welcome(read)
         finally:
             self._accept_lock.release()
 
@@ -273,8 +294,11 @@ class AsyncWebSocket:
         await ws._astart()
         with ws._cond:  # a message already waiting needs no wake-up
             message = ws._pop()
-            if message is not None or ws._state in (CLOSED, CONNECTING):
-                return message
+        if message is not None:
+            ws._acknowledge_read()
+            return message
+        if ws._state in (CLOSED, CONNECTING):
+            return None
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
@@ -283,8 +307,11 @@ class AsyncWebSocket:
             try:
                 with ws._cond:
                     message = ws._pop()
-                    if message is not None or ws._state in (CLOSED, CONNECTING):
-                        return message
+                if message is not None:
+                    ws._acknowledge_read()
+                    return message
+                if ws._state in (CLOSED, CONNECTING):
+                    return None
                 remaining = None if deadline is None else deadline - loop.time()
                 if remaining is not None and remaining <= 0:
                     return None
@@ -299,7 +326,9 @@ class AsyncWebSocket:
         """The next received message at once, or ``None`` if there is none."""
         await self._ws._astart()
         with self._ws._cond:
-            return self._ws._pop()
+            message = self._ws._pop()
+        self._ws._acknowledge_read()
+        return message
 
     async def send(self, message: Message) -> bool:
         """Send ``str`` as a text frame, ``bytes`` as a binary one; ``False`` if closed."""

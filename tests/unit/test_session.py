@@ -40,6 +40,9 @@ def test_a_resume_is_read_leniently() -> None:
     assert parse_resume("{not json") == Resume()
     assert parse_resume("[1]") == Resume()
     assert parse_resume(json.dumps({"x": ["i"] * 100})).ids == ["i"] * 16
+    assert parse_resume(json.dumps({"c": "page-1"})).client == "page-1"
+    assert parse_resume(json.dumps({"c": "p" * 65})).client is None
+    assert parse_resume(json.dumps({"c": 5})).client is None
 
 
 def test_take_resume_leaves_the_rest_of_the_query() -> None:
@@ -52,11 +55,17 @@ def test_take_resume_leaves_the_rest_of_the_query() -> None:
 
 def test_inbound_strips_the_empty_header_and_keeps_the_type() -> None:
     session, transport = Session("me", None), Recorder()
-    assert session.inbound("\nhello\nworld", transport) == "hello\nworld"
-    assert session.inbound(b"\n\x00", transport) == b"\x00"
+    assert session.inbound("\nhello\nworld", transport) == ("hello\nworld", None)
+    assert session.inbound(b"\n\x00", transport) == (b"\x00", None)
     assert session.inbound('{"t":"later"}\n', transport) is None  # a header: not for the view
-    assert session.inbound("no header", transport) == "no header"
+    assert session.inbound('{"n":1}\nnumbered', transport) is None  # numbered, but this client said no id
+    assert session.inbound("no header", transport) == ("no header", None)
     assert transport.sent == []
+    numbering = Session("me", Resume(client="page"))
+    assert numbering.inbound('{"n":7}\nseven', transport) == ("seven", 7)
+    assert numbering.inbound(b'{"n":8}\n\x08', transport) == (b"\x08", 8)
+    for bad in ('{"n":0}\nx', '{"n":true}\nx', '{"n":"1"}\nx', '{"n":1\nx', b'\xff\nx'):
+        assert numbering.inbound(bad, transport) is None
 
 
 def test_a_ping_is_answered_at_once() -> None:

@@ -229,3 +229,19 @@ async def ahistory_since(
     if get_broker().synchronous:
         return history_since(group, asked)
     return await asyncio.get_running_loop().run_in_executor(None, history_since, group, asked)
+
+
+def last_read(client: str) -> int:
+    """The number of the last message of page *client* that a view read (0: none known).
+
+    A ``dwebsocket.js`` page numbers the messages it sends and keeps each
+    until a view has read it; when it reconnects, it sends again those after
+    this number, and the server drops copies of earlier ones. Kept as long as
+    ``WEBSOCKET_HISTORY_TTL``, in the broker (Redis: across processes).
+    """
+    return get_broker().last_read(client)
+
+
+def record_read(client: str, number: int) -> None:
+    """A view read message *number* of page *client* (see :func:`last_read`); never waits."""
+    get_broker().record_read(client, number)

@@ -67,6 +67,12 @@ class Broker(Protocol):
 
     def members(self, group: str) -> list[Member]: ...
 
+    def last_read(self, client: str) -> int:
+        """The last number of page *client*'s messages a view read (``groups.reads``); 0 if unknown."""
+
+    def record_read(self, client: str, number: int) -> None:
+        """A view read message *number* of page *client*; never waits for anything."""
+
     def stop(self) -> None:
         """Release connections and threads (when the setting changes)."""
 

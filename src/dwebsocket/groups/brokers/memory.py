@@ -7,6 +7,7 @@ import threading
 from ...connection import Link
 from ...messages import Message
 from ..history import MemoryHistory, Position, Recovery, configured
+from ..reads import MemoryReads
 from ..registry import Member, Registry
 
 __all__ = ["MemoryBroker"]
@@ -27,8 +28,15 @@ class MemoryBroker:
         self._lock = threading.Lock()
         self._history: MemoryHistory | None = None
         self._settings: tuple[int, float] | None = None
+        self._reads = MemoryReads()
 
     synchronous = True
+
+    def last_read(self, client: str) -> int:
+        return self._reads.last(client)
+
+    def record_read(self, client: str, number: int) -> None:
+        self._reads.record(client, number)
 
     def flush(self, timeout: float) -> None:
         pass

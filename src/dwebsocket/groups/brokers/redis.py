@@ -54,6 +54,7 @@ from ... import _redis
 from ...connection import Link
 from ...messages import Message
 from ..history import META_TTL, Entry, Position, Recovery, configured, new_epoch, recovery
+from ..reads import ttl as reads_ttl
 from ..registry import Member, Registry
 
 __all__ = ["Broadcast", "RedisBroker", "decode", "encode"]
@@ -80,6 +81,10 @@ def _meta_key(group: str) -> str:
 
 def _history_key(group: str) -> str:
     return f"{_PREFIX}{{{group}}}:history"
+
+
+def _read_key(client: str) -> str:
+    return f"{_PREFIX}read:{{{client}}}"
 
 
 # KEYS: meta, history. ARGV: 1 an epoch to start if the group has none, 2 the
@@ -305,7 +310,8 @@ class RedisBroker:
     ``_done`` (what the listener must do next, and how far it got),
     ``_reachable`` (the breaker: ``False`` while open), ``_live`` (the
     groups the listener's current connection is confirmed subscribed to) and
-    ``_skip`` (our broadcasts the listener must not deliver again).
+    ``_skip`` (our broadcasts the listener must not deliver again) and
+    ``_reads`` (read marks the listener has yet to write, see ``groups.reads``).
     ``_order`` guards no data: it orders deliveries, see above (lock order:
     ``_order``, then ``_lock``, then the registry's).
     """
@@ -328,6 +334,7 @@ class RedisBroker:
         self._wanted: set[str] = set()
         self._presence: dict[str, dict[str, str]] = {}  # group -> member id -> entry
         self._changes: list[tuple[bool, str, str]] = []  # (joined?, group, entry), in order
+        self._reads: dict[str, int] = {}  # client -> the last number read, not written yet
         self._reachable = True
         self._live: set[str] = set()
         self._count = itertools.count(1)  # numbers of our broadcasts (next() is atomic)
@@ -573,6 +580,49 @@ class RedisBroker:
                 logger.warning("dwebsocket: skipped a malformed presence entry in %s", _presence_key(group))
         return members
 
+    def record_read(self, client: str, number: int) -> None:
+        """Keep the mark; the listener writes it to Redis within its next turn (0.2 s at most)."""
+        with self._lock:
+            if number > self._reads.get(client, 0):
+                self._reads[client] = number
+        self._wake.set()
+
+    def last_read(self, client: str) -> int:
+        """The mark in Redis, or the one not written yet; 0 while Redis is failing and nothing is known here."""
+        with self._lock:
+            pending = self._reads.get(client, 0)
+        if not self._is_reachable():
+            return pending
+        try:
+            value = self._reader.get(_read_key(client))
+        except redis.RedisError as exc:
+            self._outage(exc)
+            return pending
+        try:
+            stored = int(value) if value is not None else 0  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            stored = 0
+        return max(stored, pending)
+
+    def _write_reads(self) -> None:
+        """Write the read marks recorded since the last turn (the listener's)."""
+        with self._lock:
+            reads, self._reads = self._reads, {}
+        if not reads:
+            return
+        expiry = max(int(reads_ttl()), 1)
+        pipe = self._redis.pipeline(transaction=False)
+        for client, number in reads.items():
+            pipe.set(_read_key(client), number, ex=expiry)
+        try:
+            pipe.execute()
+        except redis.RedisError:
+            with self._lock:  # again after reconnecting, unless a later mark came meanwhile
+                for client, number in reads.items():
+                    if number > self._reads.get(client, 0):
+                        self._reads[client] = number
+            raise
+
     def stop(self) -> None:
         self._stopped.set()
         self._wake.set()
@@ -654,6 +704,7 @@ class RedisBroker:
                 pubsub.unsubscribe(*(_channel(g) for g in subscribed - wanted))
             subscribed = wanted
             self._write_presence(refresh=time.monotonic() >= next_refresh)
+            self._write_reads()
             if time.monotonic() >= next_refresh:
                 next_refresh = time.monotonic() + _REFRESH
             with self._lock:

@@ -22,6 +22,8 @@ channels           Django Channels, an ``AsyncWebsocketConsumer`` in group "benc
 redis              dwebsocket async view, 2 uvicorn processes sharing a redis-server
                    (dwebsocket's Redis broker), members split evenly
 channels-redis     Channels, the same 2 processes with channels-redis
+*-nohistory        gthread, uvicorn-async and redis with group history off
+                   (``WEBSOCKET_HISTORY_SIZE = 0``): what keeping it costs
 =================  ==========================================================================
 
 Every server process is pinned to one core (``taskset -c --server-cpu``, its
@@ -206,6 +208,13 @@ CONFIGS = [
            "/member/", "/fanout/dwebsocket/", processes=2),
     Config("channels-redis", "Channels", "AsyncWebsocketConsumer, channels-redis", "2 × uvicorn",
            "fanout-uvicorn", "/member/", "/fanout/channels/", env={"BENCH_STACK": "channels"}, processes=2),
+    # Group history off (WEBSOCKET_HISTORY_SIZE = 0): what keeping it costs the configurations above.
+    Config("gthread-nohistory", "dwebsocket", "sync view, history off", "gunicorn gthread", "fanout-gthread",
+           "/member/sync/", "/fanout/dwebsocket/", env={"BENCH_HISTORY_SIZE": "0"}),
+    Config("uvicorn-async-nohistory", "dwebsocket", "async view, async broadcast, history off", "uvicorn",
+           "fanout-uvicorn", "/member/", "/fanout/dwebsocket/async/", env={"BENCH_HISTORY_SIZE": "0"}),
+    Config("redis-nohistory", "dwebsocket", "async view, Redis broker, history off", "2 × uvicorn",
+           "fanout-uvicorn", "/member/", "/fanout/dwebsocket/", env={"BENCH_HISTORY_SIZE": "0"}, processes=2),
 ]
 BY_KEY = {config.key: config for config in CONFIGS}
 DEFAULT_KEYS = ["gthread", "gevent", "uvicorn", "uvicorn-async", "flask-gthread", "flask-gevent", "asgi", "channels"]
@@ -216,6 +225,9 @@ RATIOS = [
     ("dwebsocket uvicorn, async broadcast / bare ASGI uvicorn", "uvicorn-async", "asgi"),
     ("dwebsocket uvicorn / Channels uvicorn", "uvicorn", "channels"),
     ("dwebsocket / Channels, 2 processes, Redis", "redis", "channels-redis"),
+    ("history on / off, gthread", "gthread", "gthread-nohistory"),
+    ("history on / off, uvicorn async", "uvicorn-async", "uvicorn-async-nohistory"),
+    ("history on / off, 2 processes, Redis", "redis", "redis-nohistory"),
 ]
 
 

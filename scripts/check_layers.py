@@ -24,7 +24,7 @@ PACKAGE = "dwebsocket"
 #: prefix that matches its name (``prefix`` or ``prefix.*``).
 LAYERS: list[tuple[str, list[str]]] = [
     ("leaves", ["conf", "messages", "_redis", "transports.policy", "transports"]),
-    ("connection", ["connection", "handshake"]),
+    ("connection", ["connection", "handshake", "session"]),
     ("groups", ["groups"]),
     ("transports", ["transports.wsgi", "transports.asgi", "transports.polling", "transports.opener"]),
     ("user API", ["websocket", "decorators"]),

@@ -166,6 +166,28 @@ def test_groups_and_broadcast_reach_test_connections(client):
     assert group_size("testing") == 0
 
 
+def test_a_test_can_check_that_its_view_recovers_what_a_page_missed(client):
+    from dwebsocket import broadcast
+
+    with client.connect("/group/recovering/", recovery=True) as first:
+        assert first.receive().startswith("joined ")
+        assert first.recovered == {"recovering": None}  # nothing to recover on a first visit
+        broadcast("recovering", "seen")
+        assert first.receive() == "seen" and first.groups[-1] == "recovering"
+        first.send("from the page")  # the view sees it plain (and excludes the sender)
+    for n in range(3):
+        broadcast("recovering", f"missed {n}")
+    with client.connect("/group/recovering/", resume=first) as again:
+        assert [again.receive() for _ in range(3)] == ["missed 0", "missed 1", "missed 2"]
+        assert again.receive().startswith("joined ")
+        assert again.recovered == {"recovering": True} and again.id != first.id
+    with override_settings(WEBSOCKET_HISTORY_SIZE=2):  # a new, smaller history: another epoch
+        broadcast("recovering", "lost")
+        with client.connect("/group/recovering/", resume=again) as late:
+            assert late.receive().startswith("joined ")
+            assert late.recovered == {"recovering": False}
+
+
 def test_many_connections_at_once(client):
     def talk(index):
         with client.connect("/seed/echo/") as ws:

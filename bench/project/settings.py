@@ -23,6 +23,7 @@ CAPACITY = {} if DEFAULTS else {"capacity": 100_000}
 # dwebsocket
 WEBSOCKET_BROKER = REDIS_URL or "memory"
 WEBSOCKET_MAX_CONNECTIONS = None  # the benchmarks measure capacity (bench/idle.py: 10,000 in one process)
+WEBSOCKET_HISTORY_SIZE = int(os.environ.get("BENCH_HISTORY_SIZE", "100"))  # 0: the *-nohistory configurations
 if not DEFAULTS:
     WEBSOCKET_BROADCAST_QUEUE = 100_000
 # Channels

@@ -35,6 +35,23 @@ def _number_or_none(name: str, *, allow_none: bool = True, integer: bool = False
     return []
 
 
+def _history_size() -> list[Error]:
+    """``WEBSOCKET_HISTORY_SIZE`` is a count that may be 0 (history off), unlike the other limits."""
+    value = conf.get("WEBSOCKET_HISTORY_SIZE")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return [
+            Error(
+                f"WEBSOCKET_HISTORY_SIZE must be a positive integer or 0 (history off); it is {value!r}.",
+                hint=(
+                    f"Set WEBSOCKET_HISTORY_SIZE = {conf.DEFAULTS['WEBSOCKET_HISTORY_SIZE']!r} (the default), "
+                    "or 0 to turn history and recovery off."
+                ),
+                id="dwebsocket.E001",
+            )
+        ]
+    return []
+
+
 @register()
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error | Warning]:
     """Check every dwebsocket setting and the middleware's place."""
@@ -50,6 +67,8 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error | Warni
     errors += _number_or_none("WEBSOCKET_BROADCAST_QUEUE", allow_none=False, integer=True)
     errors += _number_or_none("WEBSOCKET_POLL_TIMEOUT", allow_none=False)
     errors += _number_or_none("WEBSOCKET_POLL_EXPIRY", allow_none=False)
+    errors += _history_size()
+    errors += _number_or_none("WEBSOCKET_HISTORY_TTL", allow_none=False)
     try:
         parse_rate(conf.get("WEBSOCKET_RATE_LIMIT"))
     except ValueError as exc:

@@ -63,6 +63,12 @@ DEFAULTS: dict[str, Any] = {
     # "close": close a client that falls behind with 1013 (try again later);
     # "drop": skip the broadcasts it has no room for.
     "WEBSOCKET_BROADCAST_OVERFLOW": "close",
+    # Broadcasts each group keeps, so that a client that reconnects gets what
+    # it missed (docs/delivery.md); Redis keeps at least this many. 0 turns
+    # history and recovery off.
+    "WEBSOCKET_HISTORY_SIZE": 100,
+    # Seconds a group keeps each broadcast.
+    "WEBSOCKET_HISTORY_TTL": 300.0,
     # Long-polling: seconds a poll waits for messages before it answers empty.
     "WEBSOCKET_POLL_TIMEOUT": 25.0,
     # Long-polling: seconds without a poll after which a session expires

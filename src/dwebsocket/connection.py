@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from .messages import Frame, Message, check_close_code, check_message
+from .session import Session, plain
 from .transports.policy import Limits, connections, has_room, queued_size
 
 __all__ = ["CLOSED", "CLOSING", "CONNECTING", "OPEN", "Connection", "Link", "Transport", "wake_future"]
@@ -106,6 +107,12 @@ class Connection:
         self._pump: Callable[[float | None], None] | None = None
         self._listeners: set[Callable[[], object]] = set()
         self._close_hooks: list[Callable[[Link], object]] = []
+        # The dwebsocket.v1 session, if the client speaks it: set once, before
+        # the transport is, and read without a lock from then on.
+        self._session: Session | None = None
+        # The number of a numbered message the view just read, to acknowledge
+        # once _cond is released (see _pop); written under _cond by the reader.
+        self._read_number = 0
         #: A unique id for this connection, across every process of a deployment.
         self.id = uuid.uuid4().hex
         self._link = Link(self)
@@ -127,19 +134,47 @@ class Connection:
             listener()
 
     def _pop(self) -> Message | None:
-        """The next message, or ``None``; call with ``_cond`` held."""
+        """The next message, or ``None``; call with ``_cond`` held.
+
+        A numbered message (a ``dwebsocket.v1`` client's acknowledged send)
+        leaves its number in ``_read_number``: the caller acknowledges it
+        (:meth:`_acknowledge_read`) once it released the lock.
+        """
         if not self._messages:
             return None
         message = self._messages.popleft()
         self._queued_bytes -= queued_size(message)
+        session = self._session
+        if session is not None and session.numbers:
+            number = session.numbers.popleft()
+            if number is not None:
+                self._read_number = number
         self._changed()  # a producer may be waiting for room
         return message
 
-    def _push(self, message: Message) -> None:
-        """Queue a received message; call with ``_cond`` held."""
+    def _push(self, message: Message, number: int | None = None) -> None:
+        """Queue a received message (with its number, if numbered); call with ``_cond`` held."""
         self._messages.append(message)
         self._queued_bytes += queued_size(message)
+        session = self._session
+        if session is not None:
+            session.numbers.append(number)
+            if number is not None:
+                session.accepted = number
         self._changed()
+
+    def _acknowledge_read(self) -> None:
+        """Acknowledge the numbered message just read, if any; call without ``_cond``."""
+        number = self._read_number
+        if number:
+            self._read_number = 0
+            self._acknowledge(number)
+
+    def _acknowledge(self, number: int) -> None:
+        """The view read the client's message *number* (subclasses record it and tell the client)."""
+        session = self._session
+        if session is not None:
+            session.acknowledge(number, self._transport)
 
     def _has_room(self, message: Message) -> bool:
         """Whether the queue takes *message* now (WEBSOCKET_MAX_QUEUE, WEBSOCKET_MAX_QUEUE_BYTES); hold ``_cond``."""
@@ -177,6 +212,8 @@ class Connection:
         with self._cond:
             self._messages.clear()
             self._queued_bytes = 0
+            if self._session is not None:
+                self._session.numbers.clear()
             self._transport = None
             self._pump = None
 
@@ -212,7 +249,9 @@ class Connection:
                     pump(deadline)  # read the socket in this thread
                 finally:
                     self._cond.acquire()
-            return self._pop()
+            message = self._pop()
+        self._acknowledge_read()
+        return message
 
     def _pump_now(self) -> None:
         """Read what has arrived, without waiting, if the transport reads in this thread."""
@@ -225,7 +264,9 @@ class Connection:
         self._start()
         self._pump_now()
         with self._cond:
-            return self._pop()
+            message = self._pop()
+        self._acknowledge_read()
+        return message
 
     def count_messages(self) -> int:
         """The number of received messages waiting to be read."""
@@ -248,7 +289,11 @@ class Connection:
         message = check_message(message)
         self._start()
         transport = self._open_transport()
-        return transport is not None and transport.send(message)
+        if transport is None:
+            return False
+        if self._session is not None:
+            message = plain(message)
+        return transport.send(message)
 
     def close(self, code: int = 1000, reason: str = "") -> None:
         """Start the closing handshake with *code* and *reason*; idempotent.
@@ -356,15 +401,23 @@ class Link:
         c = self._ref()
         if c is None:
             return True
+        number = None
+        if c._session is not None:
+            inbound = c._session.inbound(message, c._transport)
+            if inbound is None:
+                return True
+            message, number = inbound
         deadline = None if timeout is None else time.monotonic() + timeout
         with c._cond:
+            if _copy(c, number):
+                return True
             while c._state == OPEN and not c._has_room(message):
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
                 c._cond.wait(remaining)
             if c._state == OPEN:  # after close() new messages are dropped
-                c._push(message)
+                c._push(message, number)
             return True
 
     def deliver_nowait(self, message: Message) -> bool:
@@ -376,11 +429,19 @@ class Link:
         c = self._ref()
         if c is None:
             return True
+        number = None
+        if c._session is not None:
+            inbound = c._session.inbound(message, c._transport)
+            if inbound is None:
+                return True
+            message, number = inbound
         with c._cond:
+            if _copy(c, number):
+                return True
             if c._state == OPEN and not c._has_room(message):
                 return False
             if c._state == OPEN:
-                c._push(message)
+                c._push(message, number)
             return True
 
     def deliver_all_nowait(self, messages: list[Message]) -> bool:
@@ -393,19 +454,26 @@ class Link:
         c = self._ref()
         if c is None:
             return True
+        session = c._session
+        numbered: list[tuple[Message, int | None]] = [(m, None) for m in messages]
+        if session is not None:
+            numbered = [i for i in (session.inbound(m, c._transport) for m in messages) if i is not None]
         limits = c._limits
         with c._cond:
             if c._state != OPEN:
                 return True  # dropped, as deliver() drops them after close
+            accepted = c._session.accepted if c._session is not None else 0
+            numbered = [(m, n) for m, n in numbered if n is None or n > accepted]  # not copies sent again
             if c._messages:
                 count, size = len(c._messages), c._queued_bytes
-                for message in messages:
+                for message, _ in numbered:
                     adding = queued_size(message)
                     if not has_room(count, size, adding, limits.max_queue, limits.max_queue_bytes):
                         return False
                     count, size = count + 1, size + adding
-            for message in messages:
-                c._push(message)
+            for message, number in numbered:
+                if number is None or c._session is None or number > c._session.accepted:
+                    c._push(message, number)
             return True
 
     def queued(self) -> int:
@@ -495,7 +563,10 @@ class Link:
         # Read without _cond, on the hot path of a broadcast: a connection that
         # closes meanwhile is refused by its transport, which checks its own state.
         transport = c._transport
-        return transport is not None and c._state == OPEN and transport.offer(frame)
+        if transport is None or c._state != OPEN:
+            return False
+        session = c._session
+        return transport.offer(frame) if session is None else session.offer(frame, transport)
 
     def __repr__(self) -> str:
         c = self._ref()
@@ -504,3 +575,9 @@ class Link:
 
 def _nothing() -> None:
     """The undo of a listener that was never added."""
+
+
+def _copy(c: Connection, number: int | None) -> bool:
+    """Whether message *number* is a copy of one already queued (the client sent it again); hold ``_cond``."""
+    session = c._session
+    return number is not None and session is not None and number <= session.accepted

@@ -7,14 +7,24 @@ connection, the transports, the groups, the test client) can use it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Union
+from typing import Protocol, Union
 
 from wsproto.frame_protocol import FrameProtocol
 
-__all__ = ["Frame", "Message", "check_close_code", "check_message", "message_size", "unencodable"]
+__all__ = ["Frame", "Message", "Place", "check_close_code", "check_message", "message_size", "unencodable"]
 
 #: What a WebSocket message is: ``str`` for a text frame, ``bytes`` for a binary one.
 Message = Union[str, bytes]
+
+
+class Place(Protocol):
+    """A broadcast's place in its group's history (``dwebsocket.groups.history.Position``)."""
+
+    @property
+    def epoch(self) -> str: ...
+
+    @property
+    def seq(self) -> int: ...
 
 # Close codes a server may send (RFC 6455 section 7.4 and the IANA registry).
 _SENDABLE_CODES = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
@@ -89,7 +99,7 @@ class Frame:
 
     __slots__ = ("message", "size", "group", "position", "_data", "_after", "_variants")
 
-    def __init__(self, message: Message, group: str | None = None, position: object = None) -> None:
+    def __init__(self, message: Message, group: str | None = None, position: Place | None = None) -> None:
         self.message = message
         self.size = message_size(message)
         #: The group it is broadcast to, if any.

@@ -22,6 +22,7 @@ data of a ``TestCase``, as views called by ``django.test.Client`` do.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import queue
 import sys
@@ -42,6 +43,7 @@ from django.test.client import ClientHandler
 from .connection import Link
 from .handshake import Handshake
 from .messages import Frame, Message, check_close_code, check_message
+from .session import PROTOCOL, RESUME_PARAMETER
 from .transports.opener import OPENER_KEY
 from .transports.policy import OVERFLOW_CLOSE, RATE_CLOSE, RateMeter, offer_verdict, too_big
 
@@ -111,6 +113,8 @@ class WebSocketClient:
         subprotocols: Sequence[str] = (),
         headers: dict[str, str] | None = None,
         timeout: float = 5.0,
+        recovery: bool = False,
+        resume: ClientConnection | None = None,
     ) -> ClientConnection:
         """Open a connection to the view at *path*, with *data* as its query string.
 
@@ -118,7 +122,19 @@ class WebSocketClient:
         ``request.websocket``). Raises :class:`HandshakeRefused` if it answered
         with a response instead, the view's exception if it raised first, and
         ``TimeoutError`` if it did neither within *timeout* seconds.
+
+        With *recovery*, the connection speaks ``dwebsocket.v1`` as
+        ``dwebsocket.js`` does (docs/delivery.md): it keeps each group's
+        position (:attr:`ClientConnection.positions`) and what each join
+        recovered (:attr:`ClientConnection.recovered`). *resume*, an earlier
+        such connection (closed), reconnects as ``dwebsocket.js`` does after a
+        drop: the view's joins first deliver what that connection missed.
         """
+        recovery = recovery or resume is not None
+        if recovery:
+            subprotocols = [*(f"{PROTOCOL}+{p}" for p in subprotocols), PROTOCOL]
+            if resume is not None:
+                data = {**(data or {}), RESUME_PARAMETER: json.dumps(resume._resume())}
         handshake = {
             "Upgrade": "websocket",
             "Connection": "Upgrade",
@@ -133,7 +149,7 @@ class WebSocketClient:
         cookies = "; ".join(f"{m.key}={m.coded_value}" for m in self.cookies.values())
         if cookies:
             environ["HTTP_COOKIE"] = cookies
-        connection = ClientConnection(self)
+        connection = ClientConnection(self, recovery, resume)
         environ[OPENER_KEY] = _InMemoryOpener(connection)
         with self._handler_lock:
             if not self._handler_loaded:  # at the first connect, as django.test.Client does
@@ -141,6 +157,8 @@ class WebSocketClient:
                 self._handler_loaded = True
         connection._run(self._handler, environ)
         connection._wait_open(timeout)
+        if recovery:
+            connection._welcome(timeout)
         return connection
 
 
@@ -151,8 +169,21 @@ class ClientConnection:
     :meth:`receive` returns ``None`` once closed, so a test reads like the view.
     """
 
-    def __init__(self, client: WebSocketClient) -> None:
+    def __init__(
+        self, client: WebSocketClient, recovery: bool = False, resume: ClientConnection | None = None
+    ) -> None:
         self._client = client
+        self._recovery = recovery
+        #: With ``recovery``: the position of the last broadcast received from each group.
+        self.positions: dict[str, str] = dict(resume.positions) if resume is not None else {}
+        #: With ``recovery``: for each group the view joined, whether what was missed was recovered
+        #: (``None``: there was nothing to recover, the connection had no position in it).
+        self.recovered: dict[str, bool | None] = {}
+        #: With ``recovery``: the group of each message received so far that was a broadcast, else ``None``.
+        self.groups: list[str | None] = []
+        #: With ``recovery``: this connection's id (what ``exclude=`` names it by).
+        self.id: str | None = None
+        self._ids: list[str] = list(resume._ids) if resume is not None else []
         # Messages and the close from the view, in order; put by the view's
         # thread (or loop), taken by the test's thread.
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
@@ -184,6 +215,8 @@ class ClientConnection:
         one over ``WEBSOCKET_RATE_LIMIT`` with 1008, as a server does.
         """
         message = check_message(message)
+        if self._recovery:
+            message = "\n" + message if isinstance(message, str) else b"\n" + message
         with self._lock:
             server = self._server if self._close is None else None
             over_rate = server is not None and self._rate is not None and not self._rate.allow()
@@ -208,18 +241,60 @@ class ClientConnection:
         seconds while the connection is open, and the view's exception if it
         raised.
         """
-        try:
-            kind, value = self._inbox.get(timeout=timeout)
-            with self._lock:
-                self._progress = time.monotonic()
-        except queue.Empty:
-            raise TimeoutError(f"the view sent nothing for {timeout} s") from None
-        if kind == "close":
-            self._inbox.put((kind, value))  # every later receive() sees the close too
-            self._join(timeout)
-            self._raise_view_exception()
-            return None
-        return value  # type: ignore[no-any-return]
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                kind, value = self._inbox.get(timeout=max(deadline - time.monotonic(), 0))
+                with self._lock:
+                    self._progress = time.monotonic()
+            except queue.Empty:
+                raise TimeoutError(f"the view sent nothing for {timeout} s") from None
+            if kind == "close":
+                self._inbox.put((kind, value))  # every later receive() sees the close too
+                self._join(timeout)
+                self._raise_view_exception()
+                return None
+            if not self._recovery:
+                return value  # type: ignore[no-any-return]
+            message = self._unwrap(value)
+            if message is not None:
+                return message
+
+    def _unwrap(self, raw: Message) -> Message | None:
+        """A dwebsocket.v1 message's payload, or ``None`` for a control message (which it applies)."""
+        newline = raw.find("\n" if isinstance(raw, str) else b"\n")  # type: ignore[arg-type]
+        head, payload = raw[:newline], raw[newline + 1:]
+        header = json.loads(head) if head else {}
+        kind = header.get("t")
+        if kind == "welcome":
+            self.id = header["id"]
+            self._ids.append(header["id"])
+        elif kind == "joined":
+            self.recovered[header["g"]] = header["r"]
+            if header.get("p"):
+                self.positions[header["g"]] = header["p"]
+        elif kind == "left":
+            self.positions.pop(header["g"], None)
+        elif kind is None:
+            if "p" in header:
+                self.positions[header["g"]] = header["p"]
+            self.groups.append(header.get("g"))
+            return payload
+        return None
+
+    def _welcome(self, timeout: float) -> None:
+        """Take the welcome, the first message of a dwebsocket.v1 connection."""
+        kind, value = self._inbox.get(timeout=timeout)
+        if kind != "message":
+            self._inbox.put((kind, value))
+            return
+        self._unwrap(value)
+        if self.id is None:
+            raise AssertionError(f"a dwebsocket.v1 connection began with {value!r}, not its welcome")
+
+    def _resume(self) -> dict[str, Any]:
+        """What this connection tells the server when it reconnects (the resume parameter)."""
+        return {"p": self.positions, "x": self._ids[-5:]}
 
     def close(self, code: int = 1000, reason: str = "", timeout: float = 5.0) -> None:
         """Close from the client's side and wait for the view to return.
@@ -342,6 +417,8 @@ class ClientConnection:
             raise exception
 
     def _accepted(self, server: Link, subprotocol: str | None) -> None:
+        if self._recovery and subprotocol is not None and subprotocol.startswith(PROTOCOL):
+            subprotocol = subprotocol[len(PROTOCOL) + 1:] or None  # the page's own, as dwebsocket.js shows it
         with self._lock:
             self._server = server
             self._rate = RateMeter(server.limits)

@@ -16,13 +16,14 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 from django.core import signals
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, QueryDict
 from django.http.response import HttpResponseBase
 
 from . import conf, groups
 from .connection import CLOSED, CONNECTING, OPEN, Connection, Transport, wake_future
 from .handshake import HandshakeError
 from .messages import Message, check_close_code, check_message
+from .session import Resume, Session, answer, plain, split_offer, take_resume
 from .transports.opener import Opener, opener_for
 from .transports.policy import Limits
 
@@ -79,7 +80,11 @@ class WebSocket(Connection):
         self._opener = opener
         self._prepared = False
         self._supported_subprotocols: list[str] = []
-        self._subprotocol: str | None = None
+        self._subprotocol: str | None = None  # the view's (the page's own)
+        self._wire_subprotocol: str | None = None  # the handshake's answer
+        # What a dwebsocket.v1 client says it has (the resume parameter, taken
+        # out of the request by attach()).
+        self._resume: Resume | None = None
         # Guarded by _accept_lock: the handshake is answered once, by whichever
         # thread or coroutine uses the connection first.
         self._accept_lock = threading.Lock()
@@ -112,13 +117,35 @@ class WebSocket(Connection):
         """Add this connection to *group*; it leaves by itself when it closes.
 
         Answers the handshake first, if the view has not used the connection yet.
+        A ``dwebsocket.js`` client that was in *group* before it reconnected
+        first gets the broadcasts it missed (docs/delivery.md).
         """
         self._start()
-        groups.wait_join(groups.join(self._link, group))
+        session = self._session
+        if session is None:
+            groups.wait_join(groups.join(self._link, group))
+            return
+        asked = session.hold(group)
+        try:
+            groups.wait_join(groups.join(self._link, group))
+        except BaseException:
+            session.unhold(group)
+            raise
+        self._recovered(session, group, asked, groups.history_since(group, asked))
+
+    def _recovered(self, session: Session, group: str, asked: tuple[str, int] | None, found: Any) -> None:
+        entries, current, complete = found
+        transport = self._open_transport()
+        if transport is None:
+            session.unhold(group)
+        else:
+            session.recovered(group, transport, asked, entries, current, complete)
 
     def leave(self, group: str) -> None:
         """Remove this connection from *group*."""
         groups.wait_join(groups.leave(self._link, group))
+        if self._session is not None:
+            self._session.left(group, self._open_transport())
 
     # -- driven by the decorators and the middleware ----------------------------
 
@@ -141,19 +168,43 @@ class WebSocket(Connection):
         self._supported_subprotocols = list(subprotocols or ())
         return None
 
-    def _select_subprotocol(self) -> str | None:
-        for offered in self._opener.offered_subprotocols:
-            if offered in self._supported_subprotocols:
-                return offered
-        return None
-
     def _claim(self) -> bool:
         """Whether the caller (holding _accept_lock) is the one to answer the handshake."""
         if self._accepted or not self._prepared or self._state != CONNECTING:
             return False
         self._accepted = True
-        self._subprotocol = self._select_subprotocol()
+        speaks, offered = split_offer(self._opener.offered_subprotocols)
+        self._subprotocol = next((p for p in offered if p in self._supported_subprotocols), None)
+        if speaks:
+            self._wire_subprotocol = answer(self._subprotocol)
+            with self._cond:  # before the transport exists: read without a lock from then on
+                self._session = Session(self.id, self._resume)
+        else:
+            self._wire_subprotocol = self._subprotocol
         return True
+
+    def _welcome(self, read: int | None) -> None:
+        """A dwebsocket.v1 connection just opened: tell the client its id (and *read*, see :meth:`_last_read`)."""
+        transport = self._open_transport()
+        session = self._session
+        if session is not None and transport is not None:
+            if read is not None:
+                with self._cond:
+                    session.accepted = max(session.accepted, read)
+            session.welcome(transport, read)
+
+    def _last_read(self) -> int | None:
+        """For a client that numbers its messages: the last of them a view has read (0: none)."""
+        session = self._session
+        if session is None or session.client is None:
+            return None
+        return groups.last_read(session.client)
+
+    def _acknowledge(self, number: int) -> None:
+        session = self._session
+        if session is not None and session.client is not None:
+            groups.record_read(session.client, number)
+            session.acknowledge(number, self._open_transport())
 
     def _start(self) -> None:
         if self._state != CONNECTING:
@@ -161,8 +212,10 @@ class WebSocket(Connection):
         with self._accept_lock:
             if not self._claim():
                 return
-            if self._opener.open(self._link, self._subprotocol) is None:
+            if self._opener.open(self._link, self._wire_subprotocol) is None:
                 self._link.closed_with(1006)
+            elif self._session is not None:
+                self._welcome(self._last_read())
 
     async def _astart(self) -> None:
         if self._state != CONNECTING:
@@ -174,8 +227,14 @@ class WebSocket(Connection):
         try:
             if not self._claim():
                 return
-            if await self._opener.aopen(self._link, self._subprotocol) is None:
+            if await self._opener.aopen(self._link, self._wire_subprotocol) is None:
                 self._link.closed_with(1006)
+            elif self._session is not None:
+                if self._session.client is None or groups.get_broker().synchronous:
+                    read = self._last_read()
+                else:  # Redis: not on the event loop
+                    read = await asyncio.get_running_loop().run_in_executor(None, self._last_read)
+                self._welcome(read)
         finally:
             self._accept_lock.release()
 
@@ -235,8 +294,11 @@ class AsyncWebSocket:
         await ws._astart()
         with ws._cond:  # a message already waiting needs no wake-up
             message = ws._pop()
-            if message is not None or ws._state in (CLOSED, CONNECTING):
-                return message
+        if message is not None:
+            ws._acknowledge_read()
+            return message
+        if ws._state in (CLOSED, CONNECTING):
+            return None
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
@@ -245,8 +307,11 @@ class AsyncWebSocket:
             try:
                 with ws._cond:
                     message = ws._pop()
-                    if message is not None or ws._state in (CLOSED, CONNECTING):
-                        return message
+                if message is not None:
+                    ws._acknowledge_read()
+                    return message
+                if ws._state in (CLOSED, CONNECTING):
+                    return None
                 remaining = None if deadline is None else deadline - loop.time()
                 if remaining is not None and remaining <= 0:
                     return None
@@ -261,14 +326,20 @@ class AsyncWebSocket:
         """The next received message at once, or ``None`` if there is none."""
         await self._ws._astart()
         with self._ws._cond:
-            return self._ws._pop()
+            message = self._ws._pop()
+        self._ws._acknowledge_read()
+        return message
 
     async def send(self, message: Message) -> bool:
         """Send ``str`` as a text frame, ``bytes`` as a binary one; ``False`` if closed."""
         message = check_message(message)
         await self._ws._astart()
         transport = self._ws._open_transport()
-        return transport is not None and await transport.asend(message)
+        if transport is None:
+            return False
+        if self._ws._session is not None:
+            message = plain(message)
+        return await transport.asend(message)
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         """Start the closing handshake; idempotent."""
@@ -283,13 +354,26 @@ class AsyncWebSocket:
         await self.close()
 
     async def join(self, group: str) -> None:
-        """Add this connection to *group*; it leaves by itself when it closes."""
-        await self._ws._astart()
-        await groups.await_join(groups.join(self._ws._link, group))
+        """Add this connection to *group*; it leaves by itself when it closes (see :meth:`WebSocket.join`)."""
+        ws = self._ws
+        await ws._astart()
+        session = ws._session
+        if session is None:
+            await groups.await_join(groups.join(ws._link, group))
+            return
+        asked = session.hold(group)
+        try:
+            await groups.await_join(groups.join(ws._link, group))
+        except BaseException:
+            session.unhold(group)
+            raise
+        ws._recovered(session, group, asked, await groups.ahistory_since(group, asked))
 
     async def leave(self, group: str) -> None:
         """Remove this connection from *group*."""
         await groups.await_join(groups.leave(self._ws._link, group))
+        if self._ws._session is not None:
+            self._ws._session.left(group, self._ws._open_transport())
 
     @property
     def id(self) -> str:
@@ -425,6 +509,15 @@ async def arun_websocket_view(
     return await websocket._afinish()
 
 
+def _take_resume(request: HttpRequest) -> Resume | None:
+    """Take a dwebsocket.v1 client's resume out of *request*: the view sees the query string without it."""
+    resume, rest = take_resume(request.META.get("QUERY_STRING", ""))
+    if resume is not None:
+        request.META["QUERY_STRING"] = rest
+        request.GET = QueryDict(rest, encoding=request.encoding)
+    return resume
+
+
 def attach(request: HttpRequest) -> WebSocket | None:
     """Set ``request.websocket`` and ``request.is_websocket()``; idempotent."""
     if "websocket" in request.__dict__:
@@ -432,6 +525,8 @@ def attach(request: HttpRequest) -> WebSocket | None:
         return current._ws if isinstance(current, AsyncWebSocket) else current
     opener = opener_for(request)
     websocket = WebSocket(request, opener) if opener is not None else None
+    if websocket is not None:
+        websocket._resume = _take_resume(request)
     request.websocket = websocket  # type: ignore[attr-defined]
     request.is_websocket = lambda: websocket is not None  # type: ignore[attr-defined]
     return websocket

@@ -21,6 +21,7 @@ urlpatterns = [
     path("server-close/", views.server_close),
     path("disconnect/", views.disconnect),
     path("subprotocol/", views.subprotocol),
+    path("query/", views.query),
     path("send-types/", views.send_types),
     path("raises/", views.raises),
     path("refuses/", views.refuses),

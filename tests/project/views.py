@@ -1,6 +1,7 @@
 """Views that exercise each member of request.websocket, for the tests."""
 
 import asyncio
+import json
 import os
 import threading
 import time
@@ -101,6 +102,15 @@ def server_close(request):
 def disconnect(request):
     request.websocket.disconnect()
     request.websocket.disconnect()
+
+
+@require_websocket
+def query(request):
+    """Says what query string the view sees, then echoes."""
+    ws = request.websocket
+    ws.send(json.dumps({"query": request.META.get("QUERY_STRING", ""), "GET": sorted(request.GET.items())}))
+    for message in ws:
+        ws.send(message)
 
 
 @require_websocket(subprotocols=["chat.v2", "chat.v1"])

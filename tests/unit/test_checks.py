@@ -29,6 +29,13 @@ def test_default_settings_pass_the_checks():
         ("WEBSOCKET_PING_TIMEOUT", "20"),
         ("WEBSOCKET_CLOSE_TIMEOUT", None),
         ("WEBSOCKET_BROADCAST_QUEUE", 0),
+        ("WEBSOCKET_HISTORY_SIZE", -1),
+        ("WEBSOCKET_HISTORY_SIZE", "100"),
+        ("WEBSOCKET_HISTORY_SIZE", 1.5),
+        ("WEBSOCKET_HISTORY_SIZE", None),
+        ("WEBSOCKET_HISTORY_TTL", 0),
+        ("WEBSOCKET_HISTORY_TTL", None),
+        ("WEBSOCKET_HISTORY_TTL", "300"),
     ],
 )
 def test_wrong_setting_values_are_reported(setting, value):
@@ -43,6 +50,11 @@ def test_wrong_setting_values_are_reported(setting, value):
 @pytest.mark.parametrize("setting", ["WEBSOCKET_MAX_MESSAGE_SIZE", "WEBSOCKET_PING_INTERVAL", "WEBSOCKET_PING_TIMEOUT"])
 def test_none_turns_a_limit_off(setting):
     with override_settings(**{setting: None}):
+        assert dwebsocket_messages() == []
+
+
+def test_a_history_size_of_0_turns_history_off_and_is_no_mistake():
+    with override_settings(WEBSOCKET_HISTORY_SIZE=0):
         assert dwebsocket_messages() == []
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dwebsocket import group_size
 from dwebsocket.connection import Connection
 from dwebsocket.groups import join, wait_join
+from dwebsocket.groups.history import Position
 
 
 def test_a_closed_connection_joins_no_group():
@@ -24,8 +25,22 @@ def test_redis_wire_format_round_trips():
     from dwebsocket.groups.brokers.redis import decode, encode
 
     for message, exclude in (("héllo", None), (b"\x00\n\xff", "abc123"), ("", "x"), ("a", "x\n1:y")):
-        assert decode(encode(message, exclude)) == (message, exclude, "", False, 0)
-        assert decode(encode(message, exclude, "origin\n", True, 7)) == (message, exclude, "origin\n", True, 7)
+        assert decode(encode(message, exclude)) == (message, exclude, "", False, 0, None)
+        assert decode(encode(message, exclude, "origin\n", True, 7)) == (message, exclude, "origin\n", True, 7, None)
+        position = Position("3f2a9c", 42)
+        assert decode(encode(message, exclude, "o", False, 7, position)) == (message, exclude, "o", False, 7, position)
+    assert encode("x", None, position=Position("ab", 3)).startswith(b"T-0:1:00:2:ab1:3x")
+    assert encode(b"x", None, position=Position("ab", 3)).startswith(b"B-")
+
+
+def test_a_broadcast_with_a_malformed_position_is_refused():
+    import pytest
+
+    from dwebsocket.groups.brokers.redis import decode
+
+    for data in (b"T-0:1:00:2:AB1:3x", b"T-0:1:00:2:ab1:-x", b"T-0:1:00:0:1:3x", b"B-0:1:00:2:ab", b"T-0:1:00:"):
+        with pytest.raises(ValueError):
+            decode(data)
 
 
 

@@ -6,6 +6,10 @@ management command, a task-queue worker. The broker (``WEBSOCKET_BROKER``)
 carries broadcasts between processes: ``"memory"`` (the default) within one
 process, ``"redis://..."`` across every process and host that share a Redis.
 
+Each group keeps its recent broadcasts, numbered (its history,
+``WEBSOCKET_HISTORY_SIZE``), so a reconnecting client can get what it missed:
+see :mod:`.history` and docs/delivery.md.
+
 A broadcast is framed once and offered to each member's transport, which
 never makes the broadcaster wait; see ``WEBSOCKET_BROADCAST_QUEUE``.
 """
@@ -19,6 +23,7 @@ from .. import conf
 from ..connection import Link
 from ..messages import Message, check_message
 from .brokers import Broker, make_broker
+from .history import Position
 from .registry import Member, Registry
 
 __all__ = [
@@ -29,8 +34,10 @@ __all__ = [
     "get_broker",
     "group_members",
     "group_size",
+    "history_since",
     "join",
     "leave",
+    "position",
     "registry",
     "wait_join",
 ]
@@ -77,11 +84,26 @@ def broadcast(group: str, message: Message, exclude: object = None) -> None:
     *exclude* is a connection (or its ``id``) that should not get it, usually
     the sender. Callable from anywhere, sync or async code alike: it never
     waits for the members. With a Redis broker it waits at most
-    ``_redis.PUBLISH_TIMEOUT`` (1 s) for Redis, and not at all while Redis is
-    failing: then only this process's members get it, and it does not raise
-    (docs/reliability.md).
+    ``_redis.PUBLISH_TIMEOUT`` (1 s) for Redis (as long again while this
+    process's subscription to *group*, which a join asked for, is pending:
+    docs/reliability.md), and not at all while Redis is failing: then only
+    this process's members get it, and it does not raise.
     """
     get_broker().publish(group, check_message(message), _exclude_id(exclude))
+
+
+def position(group: str) -> str | None:
+    """*group*'s current history position, ``"<epoch>:<seq>"``: its last broadcast's (seq 0 before any).
+
+    A page rendered now can pin it (``{% websocket_position "lobby" %}``), so
+    that ``dwebsocket.js`` recovers the broadcasts made between the render
+    and the socket's open (docs/delivery.md). ``None`` when history is off
+    (``WEBSOCKET_HISTORY_SIZE = 0``) or cannot be read (Redis failing); it
+    waits at most ``_redis.PRESENCE_TIMEOUT`` (1 s) for Redis.
+    """
+    _check_group(group)
+    found = get_broker().position(group)
+    return None if found is None else str(found)
 
 
 def group_size(group: str) -> int:
@@ -178,3 +200,48 @@ def _remove(link: Link, group: str, broker: Broker) -> bool:
 def _check_group(group: str) -> None:
     if not isinstance(group, str) or not group or len(group) > 200:
         raise ValueError(f"A group name is a non-empty string of at most 200 characters, not {group!r}.")
+
+
+def history_since(
+    group: str, asked: tuple[str, int] | None
+) -> tuple[list[tuple[Position, Message, str | None]], Position | None, bool | None]:
+    """What a connection rejoining *group* missed after position *asked*: (entries, current position, complete).
+
+    With *asked* ``None`` (the client had no position) there is nothing to
+    recover: no entries, the current position, and ``None``. Without history
+    (``WEBSOCKET_HISTORY_SIZE = 0``, or Redis unreachable) the position is
+    ``None`` and, if something was asked, complete is ``False``.
+    """
+    broker = get_broker()
+    if asked is None:
+        return [], broker.position(group), None
+    recovery = broker.since(group, Position(*asked))
+    if recovery is None:
+        return [], None, False
+    entries = [(e.position, e.message, e.exclude) for e in recovery.entries]
+    return entries, recovery.position, recovery.complete
+
+
+async def ahistory_since(
+    group: str, asked: tuple[str, int] | None
+) -> tuple[list[tuple[Position, Message, str | None]], Position | None, bool | None]:
+    """:func:`history_since` without blocking the event loop (a Redis broker is asked in a thread)."""
+    if get_broker().synchronous:
+        return history_since(group, asked)
+    return await asyncio.get_running_loop().run_in_executor(None, history_since, group, asked)
+
+
+def last_read(client: str) -> int:
+    """The number of the last message of page *client* that a view read (0: none known).
+
+    A ``dwebsocket.js`` page numbers the messages it sends and keeps each
+    until a view has read it; when it reconnects, it sends again those after
+    this number, and the server drops copies of earlier ones. Kept as long as
+    ``WEBSOCKET_HISTORY_TTL``, in the broker (Redis: across processes).
+    """
+    return get_broker().last_read(client)
+
+
+def record_read(client: str, number: int) -> None:
+    """A view read message *number* of page *client* (see :func:`last_read`); never waits."""
+    get_broker().record_read(client, number)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from ..connection import Link
 from ..messages import Frame, Message, check_message
+from .history import Position
 
 logger = logging.getLogger("dwebsocket")
 
@@ -94,8 +95,12 @@ class Registry:
         with self._lock:
             return list(self._members)
 
-    def deliver(self, group: str, message: Message, exclude: str | None) -> int:
+    def deliver(self, group: str, message: Message, exclude: str | None, position: Position | None = None) -> int:
         """Offer *message* to this process's members of *group*; returns how many took it.
+
+        The frame carries *group* and the broadcast's *position* in the group's
+        history (``None`` when it has none: history off, or Redis unreachable),
+        so that a member's transport can tell the client where it is.
 
         :func:`~dwebsocket.groups.broadcast` checks messages at the call; one
         that is not a message anyway (from a broker, say) is skipped with a
@@ -103,7 +108,7 @@ class Registry:
         broker's listener) or a member's writer.
         """
         try:
-            frame = Frame(check_message(message))
+            frame = Frame(check_message(message), group, position)
         except (TypeError, ValueError) as exc:
             logger.warning("dwebsocket: skipped a broadcast to group %r: %s", group, exc)
             return 0

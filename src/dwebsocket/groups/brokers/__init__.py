@@ -13,6 +13,7 @@ from django.core.exceptions import ImproperlyConfigured
 from ...conf import is_redis_url
 from ...connection import Link
 from ...messages import Message
+from ..history import Position, Recovery
 from ..registry import Member, Registry
 from .memory import MemoryBroker
 
@@ -31,8 +32,25 @@ class Broker(Protocol):
     def publish(self, group: str, message: Message, exclude: str | None) -> bool:
         """Deliver *message* to *group* in every process (this one included).
 
-        ``False`` if it reached this process's members only (Redis failed, or
-        its breaker is open); it never raises for that.
+        With history on (``WEBSOCKET_HISTORY_SIZE`` > 0) the broadcast gets the
+        group's next position, is kept in the history, and reaches each
+        process's members with it, in position order. ``False`` if it reached
+        this process's members only (Redis failed, or its breaker is open:
+        then without a position); it never raises for that.
+        """
+
+    def position(self, group: str) -> Position | None:
+        """*group*'s current position (its last broadcast's, seq 0 before any).
+
+        ``None`` while history is off, or the history cannot be read (Redis
+        failed, or its breaker is open); it never raises for that.
+        """
+
+    def since(self, group: str, position: Position) -> Recovery | None:
+        """The broadcasts to *group* after *position* that the history keeps.
+
+        ``None`` in the cases :meth:`position` returns ``None``: the caller
+        counts that as "not recovered".
         """
 
     def subscribe(self, group: str) -> None:
@@ -48,6 +66,12 @@ class Broker(Protocol):
     def size(self, group: str) -> int: ...
 
     def members(self, group: str) -> list[Member]: ...
+
+    def last_read(self, client: str) -> int:
+        """The last number of page *client*'s messages a view read (``groups.reads``); 0 if unknown."""
+
+    def record_read(self, client: str, number: int) -> None:
+        """A view read message *number* of page *client*; never waits for anything."""
 
     def stop(self) -> None:
         """Release connections and threads (when the setting changes)."""

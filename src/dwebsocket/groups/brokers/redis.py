@@ -7,6 +7,19 @@ process is cut off from Redis never reaches that process's members. A process
 always delivers its own broadcasts to its own members, exactly once: through
 Redis when its listener is subscribed, else itself (see :class:`RedisBroker`).
 
+**History** (docs/delivery.md): with ``WEBSOCKET_HISTORY_SIZE`` > 0 each
+group has a counter, the hash ``<PREFIX>{<group>}:meta`` (``e``: its epoch,
+``s``: its seq, kept :data:`~dwebsocket.groups.history.META_TTL` after the
+last broadcast), and a stream ``<PREFIX>{<group>}:history`` of its last
+broadcasts, entry ``<seq>-0`` for each (fields ``payload``, ``kind`` ``t`` or
+``b``, ``exclude``, ``time`` in ms of Redis's clock), trimmed to about
+``WEBSOCKET_HISTORY_SIZE`` entries (``MAXLEN ~``: at least that many) and
+expiring ``WEBSOCKET_HISTORY_TTL`` after the last broadcast. The ``{group}``
+hash tag puts a group's keys on one shard of a cluster. One script
+(:data:`_PUBLISH`) takes the next position, keeps the broadcast and
+publishes it, atomically: so the order of a group's broadcasts on its
+channel, which every process delivers in, is their position order.
+
 Presence lives in one sorted set per group (member -> expiry time), refreshed
 by every process every ``_REFRESH`` seconds, so the members of a process that
 died drop out after ``_TTL`` seconds.
@@ -40,6 +53,8 @@ import redis
 from ... import _redis
 from ...connection import Link
 from ...messages import Message
+from ..history import META_TTL, Entry, Position, Recovery, configured, new_epoch, recovery
+from ..reads import ttl as reads_ttl
 from ..registry import Member, Registry
 
 __all__ = ["Broadcast", "RedisBroker", "decode", "encode"]
@@ -60,6 +75,65 @@ def _presence_key(group: str) -> str:
     return f"{_PREFIX}presence:{group}"
 
 
+def _meta_key(group: str) -> str:
+    return f"{_PREFIX}{{{group}}}:meta"
+
+
+def _history_key(group: str) -> str:
+    return f"{_PREFIX}{{{group}}}:history"
+
+
+def _read_key(client: str) -> str:
+    return f"{_PREFIX}read:{{{client}}}"
+
+
+# KEYS: meta, history. ARGV: 1 an epoch to start if the group has none, 2 the
+# history size, 3 its TTL in ms, 4 the meta's TTL in s, 5 the channel, 6 the
+# broadcast's encoding up to its position (see _head), 7 its payload, 8 its
+# kind (t or b), 9 the excluded connection id ("" for none).
+# Returns {epoch, seq, how many subscribers PUBLISH reached}.
+_PUBLISH = """
+local epoch = redis.call('HGET', KEYS[1], 'e')
+if not epoch then
+  -- no counter (new, or expired or evicted): what is left of the stream is a lost history's
+  epoch = ARGV[1]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'e', epoch)
+end
+local seq = string.format('%d', redis.call('HINCRBY', KEYS[1], 's', 1))
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+local now = redis.call('TIME')
+local ms = string.format('%d', tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000))
+local added = redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], seq .. '-0',
+  'payload', ARGV[7], 'kind', ARGV[8], 'exclude', ARGV[9], 'time', ms)
+if type(added) == 'table' and added.err then
+  -- the stream is ahead of the counter (or no stream): a history that cannot go on; start another
+  epoch = ARGV[1]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'e', epoch)
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], seq .. '-0',
+    'payload', ARGV[7], 'kind', ARGV[8], 'exclude', ARGV[9], 'time', ms)
+end
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+local receivers = redis.call('PUBLISH', ARGV[5],
+  ARGV[6] .. string.len(epoch) .. ':' .. epoch .. string.len(seq) .. ':' .. seq .. ARGV[7])
+return {epoch, tonumber(seq), receivers}
+"""
+
+# KEYS: meta, history. ARGV: 1 an epoch to start if the group has none, 2 the
+# meta's TTL in s. Returns {epoch, seq}: the group's current position.
+_POSITION = """
+local found = redis.call('HMGET', KEYS[1], 'e', 's')
+if found[1] then
+  return {found[1], tonumber(found[2]) or 0}
+end
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[1], 'e', ARGV[1], 's', 0)
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return {ARGV[1], 0}
+"""
+
+
 class Broadcast(NamedTuple):
     """One broadcast as it travels through Redis."""
 
@@ -68,41 +142,61 @@ class Broadcast(NamedTuple):
     origin: str  # the broker (process) that published it
     delivered: bool  # the origin already delivered it to its own members
     number: int = 0  # the origin's count of its broadcasts
+    position: Position | None = None  # its place in the group's history, if it has one
 
 
 def encode(
-    message: Message, exclude: str | None, origin: str = "", delivered: bool = False, number: int = 0
+    message: Message, exclude: str | None, origin: str = "", delivered: bool = False, number: int = 0,
+    position: Position | None = None,
 ) -> bytes:
-    """One broadcast on the wire: ``<kind><flag><origin><number><exclude><payload>``.
+    """One broadcast on the wire: ``<kind><flag><origin><number><exclude>[<epoch><seq>]<payload>``.
 
-    *kind* is ``t`` or ``b`` (text or binary); *flag* ``L`` when the origin
-    delivered it to its own members (its listener then skips it), else ``-``;
-    the origin's id, its number for the broadcast and the excluded connection
-    id are each counted, ``<length>:<UTF-8 bytes>`` (``0:`` for none); the
-    message is the rest. Every field is fixed or counted, so no value,
-    whatever bytes it holds, can move where another field starts.
+    *kind* is ``t`` or ``b`` (text or binary), ``T`` or ``B`` for one with a
+    *position*; *flag* ``L`` when the origin delivered it to its own members
+    (its listener then skips it), else ``-``; the origin's id, its number for
+    the broadcast, the excluded connection id and, for ``T`` and ``B``, the
+    position's epoch and seq are each counted, ``<length>:<UTF-8 bytes>``
+    (``0:`` for none); the message is the rest. Every field is fixed or
+    counted, so no value, whatever bytes it holds, can move where another
+    field starts. The publish script builds the same bytes from
+    :func:`_head` and the payload.
     """
-    kind = b"t" if isinstance(message, str) else b"b"
-    payload = message.encode("utf-8") if isinstance(message, str) else message
-    return (
-        kind + (b"L" if delivered else b"-") + _counted(origin) + _counted(str(number))
-        + _counted(exclude or "") + payload
-    )
+    head, payload = _head(message, exclude, origin, delivered, number, position is not None)
+    if position is None:
+        return head + payload
+    return head + _counted(position.epoch) + _counted(str(position.seq)) + payload
+
+
+def _head(
+    message: Message, exclude: str | None, origin: str, delivered: bool, number: int, positioned: bool
+) -> tuple[bytes, bytes]:
+    """The encoding of a broadcast up to its position (or its payload), and its payload."""
+    if isinstance(message, str):
+        kind, payload = (b"T" if positioned else b"t"), message.encode("utf-8")
+    else:
+        kind, payload = (b"B" if positioned else b"b"), message
+    head = kind + (b"L" if delivered else b"-") + _counted(origin) + _counted(str(number)) + _counted(exclude or "")
+    return head, payload
 
 
 def decode(data: bytes) -> Broadcast:
     """The broadcast :func:`encode` made; ``ValueError`` if *data* is not one."""
     kind, flag = data[:1], data[1:2]
-    if kind not in (b"t", b"b") or flag not in (b"L", b"-"):
+    if kind not in (b"t", b"b", b"T", b"B") or flag not in (b"L", b"-"):
         raise ValueError(f"not a broadcast: it starts with {data[:2]!r}")
-    origin, position = _uncount(data, 2)
-    number, position = _uncount(data, position)
-    exclude, position = _uncount(data, position)
+    origin, offset = _uncount(data, 2)
+    number, offset = _uncount(data, offset)
+    exclude, offset = _uncount(data, offset)
     if not number.isdigit():
         raise ValueError(f"not a broadcast number: {number!r}")
-    payload = data[position:]
-    message: Message = payload.decode("utf-8") if kind == b"t" else payload
-    return Broadcast(message, exclude or None, origin, flag == b"L", int(number))
+    position = None
+    if kind in (b"T", b"B"):
+        epoch, offset = _uncount(data, offset)
+        seq, offset = _uncount(data, offset)
+        position = Position.parse(f"{epoch}:{seq}")
+    payload = data[offset:]
+    message: Message = payload.decode("utf-8") if kind in (b"t", b"T") else payload
+    return Broadcast(message, exclude or None, origin, flag == b"L", int(number), position)
 
 
 def _counted(value: str) -> bytes:
@@ -123,6 +217,34 @@ def _uncount(data: bytes, position: int) -> tuple[str, int]:
 
 
 _MAX_LENGTH_DIGITS = 10  # digits of a field's length, at most
+
+
+def _position(group: str, epoch: object, seq: object) -> Position | None:
+    """The position a script or the meta hash gave; ``None`` (with a warning) if the counter is malformed.
+
+    Only a counter written by something else than dwebsocket can be: Redis is
+    shared, and nothing read from it may make a caller raise.
+    """
+    try:
+        if not isinstance(epoch, bytes):
+            raise ValueError(f"its epoch is a {type(epoch).__name__}")
+        return Position.parse(f"{epoch.decode('ascii')}:{int(seq)}")  # type: ignore[call-overload]
+    except (TypeError, ValueError) as exc:  # UnicodeDecodeError included
+        logger.warning("dwebsocket: skipped the malformed history counter of group %r: %s", group, exc)
+        return None
+
+
+def _entry(epoch: str, entry_id: bytes, fields: dict[bytes, bytes]) -> tuple[int, Entry]:
+    """One history stream entry: (its time in ms, the broadcast); ``ValueError`` or ``KeyError`` if malformed."""
+    seq, dash, zero = entry_id.decode("ascii").partition("-")
+    if not (seq.isdigit() and dash and zero == "0"):
+        raise ValueError(f"entry id {entry_id!r} is not <seq>-0")
+    kind, payload = fields[b"kind"], fields[b"payload"]
+    if kind not in (b"t", b"b"):
+        raise ValueError(f"kind {kind!r} is neither t nor b")
+    message: Message = payload.decode("utf-8") if kind == b"t" else payload
+    exclude = fields[b"exclude"].decode("utf-8") or None
+    return int(fields[b"time"]), Entry(Position(epoch, int(seq)), message, exclude)
 
 
 class _Backoff:
@@ -168,11 +290,30 @@ class RedisBroker:
     this process's members only, and ``size``/``members`` count them only,
     without calling Redis, so no caller waits on a Redis that does not answer.
 
+    **Positions.** With history on, every broadcast that reaches Redis gets
+    the group's next position from the publish script, and every member
+    gets it with that position, in position order: through Redis that is the
+    channel's order. So a publisher whose members' subscription is pending
+    (a join just asked for it) waits for it, at most ``PUBLISH_TIMEOUT``:
+    delivering them itself meanwhile would put its broadcasts before older
+    ones of other processes that the new subscription brings. If it still is
+    not live after that, the publisher delivers to its own members itself,
+    holding ``_order`` from before it takes the position, and
+    the listener holds it to go live for a group and to deliver each
+    broadcast: so a broadcast delivered by its publisher comes before every
+    later one the listener delivers. A broadcast that fails to reach Redis
+    has no position. (When the listener loses its subscription without
+    knowing yet, Redis restarting, concurrent publishers deliver themselves
+    without that order: that history is lost anyway, see docs/reliability.md.)
+
     ``_lock`` guards ``_wanted``, ``_presence``, ``_changes``, ``_requested``,
     ``_done`` (what the listener must do next, and how far it got),
     ``_reachable`` (the breaker: ``False`` while open), ``_live`` (the
     groups the listener's current connection is confirmed subscribed to) and
-    ``_skip`` (our broadcasts the listener must not deliver again).
+    ``_skip`` (our broadcasts the listener must not deliver again) and
+    ``_reads`` (read marks the listener has yet to write, see ``groups.reads``).
+    ``_order`` guards no data: it orders deliveries, see above (lock order:
+    ``_order``, then ``_lock``, then the registry's).
     """
 
     def __init__(self, url: str, registry: Registry) -> None:
@@ -186,9 +327,14 @@ class RedisBroker:
         self._publisher = _redis.client(url, _redis.PUBLISH_TIMEOUT)
         self._reader = _redis.client(url, _redis.PRESENCE_TIMEOUT)  # presence reads, probes
         self._lock = threading.Lock()
+        self._order = threading.Lock()
+        # Scripts are per Redis server: redis-py loads them again after a restart (NOSCRIPT).
+        self._publish_script = self._publisher.register_script(_PUBLISH)
+        self._position_script = self._reader.register_script(_POSITION)
         self._wanted: set[str] = set()
         self._presence: dict[str, dict[str, str]] = {}  # group -> member id -> entry
         self._changes: list[tuple[bool, str, str]] = []  # (joined?, group, entry), in order
+        self._reads: dict[str, int] = {}  # client -> the last number read, not written yet
         self._reachable = True
         self._live: set[str] = set()
         self._count = itertools.count(1)  # numbers of our broadcasts (next() is atomic)
@@ -219,11 +365,32 @@ class RedisBroker:
 
     def publish(self, group: str, message: Message, exclude: str | None) -> bool:
         """Publish through Redis; ``False`` if only this process's members got it."""
+        settings = configured()
         with self._lock:
-            reachable, live = self._reachable, group in self._live
+            reachable, live, wanted = self._reachable, group in self._live, group in self._wanted
+            if settings is not None and reachable and wanted and not live:
+                # Our members' subscription is on its way (a join just made
+                # it): wait for it, bounded, so that they get this broadcast
+                # in the channel's order, with everyone else's.
+                self._applied.wait_for(
+                    lambda: group in self._live or not self._reachable or group not in self._wanted,
+                    _redis.PUBLISH_TIMEOUT,
+                )
+                reachable, live, wanted = self._reachable, group in self._live, group in self._wanted
         if not reachable:  # the breaker is open: fail fast
             self._registry.deliver(group, message, exclude)
             return False
+        if settings is None:
+            return self._publish(group, message, exclude, live)
+        if live or not wanted:  # the channel orders our members' deliveries, or we have none
+            return self._publish_kept(group, message, exclude, live, settings)
+        with self._order:  # see the class: our members get it from us, in order with the listener's
+            with self._lock:
+                live = group in self._live  # the listener may have gone live meanwhile
+            return self._publish_kept(group, message, exclude, live, settings)
+
+    def _publish(self, group: str, message: Message, exclude: str | None, live: bool) -> bool:
+        """Publish without a position (history off, or Redis would not run the history script)."""
         if not live:  # our listener would not get it back
             self._registry.deliver(group, message, exclude)
         number = next(self._count)
@@ -233,11 +400,7 @@ class RedisBroker:
             )
         except redis.RedisError as exc:
             if live:
-                now = time.monotonic()
-                with self._lock:
-                    self._skip[number] = now
-                    while next(iter(self._skip.values())) < now - _SKIP_FOR:
-                        del self._skip[next(iter(self._skip))]
+                self._skip_later(number)
                 self._registry.deliver(group, message, exclude)  # local delivery goes on
             self._outage(exc)
             return False
@@ -246,6 +409,103 @@ class RedisBroker:
             # (Redis restarted) and does not know yet.
             self._registry.deliver(group, message, exclude)
         return True
+
+    def _publish_kept(
+        self, group: str, message: Message, exclude: str | None, live: bool, settings: tuple[int, float]
+    ) -> bool:
+        """Publish with the group's next position, keeping the broadcast in its history (one script)."""
+        size, ttl = settings
+        number = next(self._count)
+        head, payload = _head(message, exclude, self._origin, not live, number, True)
+        try:
+            epoch, seq, receivers = self._publish_script(
+                keys=[_meta_key(group), _history_key(group)],
+                args=[
+                    new_epoch(), size, max(1, round(ttl * 1000)), META_TTL, _channel(group), head, payload,
+                    "t" if isinstance(message, str) else "b", exclude or "",
+                ],
+            )
+        except redis.ResponseError as exc:  # Redis answered, but would not run it (its data, its version)
+            logger.warning(
+                "dwebsocket: could not keep a broadcast to group %r in its history (%s); "
+                "publishing it without a position.", group, exc,
+            )
+            return self._publish(group, message, exclude, live)
+        except redis.RedisError as exc:
+            if live:
+                self._skip_later(number)
+            self._registry.deliver(group, message, exclude)  # local delivery goes on, without a position
+            self._outage(exc)
+            return False
+        position = _position(group, epoch, seq)
+        if not live or not receivers:
+            # Our listener does not get it back: not subscribed (yet), or it
+            # lost its subscription (Redis restarted) and does not know yet.
+            self._registry.deliver(group, message, exclude, position)
+        return True
+
+    def _skip_later(self, number: int) -> None:
+        """Our listener must not deliver our broadcast *number* if Redis ran it after all."""
+        now = time.monotonic()
+        with self._lock:
+            self._skip[number] = now
+            while next(iter(self._skip.values())) < now - _SKIP_FOR:
+                del self._skip[next(iter(self._skip))]
+
+    def position(self, group: str) -> Position | None:
+        """The group's current position; ``None`` with history off or Redis failing."""
+        if configured() is None or not self._is_reachable():
+            return None
+        try:
+            epoch, seq = self._position_script(
+                keys=[_meta_key(group), _history_key(group)], args=[new_epoch(), META_TTL], client=self._reader
+            )
+            return _position(group, epoch, seq)
+        except redis.ResponseError as exc:
+            logger.warning("dwebsocket: could not read the position of group %r (%s)", group, exc)
+            return None
+        except redis.RedisError as exc:
+            self._outage(exc)
+            return None
+
+    def since(self, group: str, position: Position) -> Recovery | None:
+        """The kept broadcasts after *position*, in one round trip; ``None`` with history off or Redis failing."""
+        settings = configured()
+        if settings is None or not self._is_reachable():
+            return None
+        try:
+            pipe = self._reader.pipeline(transaction=True)  # one snapshot of the counter and the stream
+            pipe.hmget(_meta_key(group), "e", "s")
+            pipe.xrange(_history_key(group), f"{position.seq + 1}-0", "+")
+            pipe.time()
+            (epoch, seq), found, (seconds, micros) = pipe.execute()
+        except redis.ResponseError as exc:
+            logger.warning("dwebsocket: could not read the history of group %r (%s)", group, exc)
+            return None
+        except redis.RedisError as exc:
+            self._outage(exc)
+            return None
+        if epoch is None:  # no counter: the history is lost; start a new one
+            current = self.position(group)
+            return None if current is None else Recovery([], current, False)
+        current = _position(group, epoch, seq or 0)
+        if current is None:
+            return None
+        oldest = int(seconds) * 1000 + int(micros) // 1000 - round(settings[1] * 1000)
+        entries, malformed = [], False
+        for entry_id, fields in found:
+            try:
+                when, entry = _entry(current.epoch, entry_id, fields)
+            except (KeyError, TypeError, ValueError) as exc:  # UnicodeDecodeError included
+                logger.warning("dwebsocket: skipped a malformed history entry of group %r: %s", group, exc)
+                malformed = True
+                continue
+            if when > oldest:
+                entries.append(entry)
+        found_recovery = recovery(position, current, entries)
+        if malformed and found_recovery.complete:
+            return Recovery(found_recovery.entries, current, False)
+        return found_recovery
 
     #: Joins reach Redis through the listener thread: flush() waits for them.
     synchronous = False
@@ -319,6 +579,49 @@ class RedisBroker:
             except (ValueError, TypeError, KeyError):
                 logger.warning("dwebsocket: skipped a malformed presence entry in %s", _presence_key(group))
         return members
+
+    def record_read(self, client: str, number: int) -> None:
+        """Keep the mark; the listener writes it to Redis within its next turn (0.2 s at most)."""
+        with self._lock:
+            if number > self._reads.get(client, 0):
+                self._reads[client] = number
+        self._wake.set()
+
+    def last_read(self, client: str) -> int:
+        """The mark in Redis, or the one not written yet; 0 while Redis is failing and nothing is known here."""
+        with self._lock:
+            pending = self._reads.get(client, 0)
+        if not self._is_reachable():
+            return pending
+        try:
+            value = self._reader.get(_read_key(client))
+        except redis.RedisError as exc:
+            self._outage(exc)
+            return pending
+        try:
+            stored = int(value) if value is not None else 0  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            stored = 0
+        return max(stored, pending)
+
+    def _write_reads(self) -> None:
+        """Write the read marks recorded since the last turn (the listener's)."""
+        with self._lock:
+            reads, self._reads = self._reads, {}
+        if not reads:
+            return
+        expiry = max(int(reads_ttl()), 1)
+        pipe = self._redis.pipeline(transaction=False)
+        for client, number in reads.items():
+            pipe.set(_read_key(client), number, ex=expiry)
+        try:
+            pipe.execute()
+        except redis.RedisError:
+            with self._lock:  # again after reconnecting, unless a later mark came meanwhile
+                for client, number in reads.items():
+                    if number > self._reads.get(client, 0):
+                        self._reads[client] = number
+            raise
 
     def stop(self) -> None:
         self._stopped.set()
@@ -401,6 +704,7 @@ class RedisBroker:
                 pubsub.unsubscribe(*(_channel(g) for g in subscribed - wanted))
             subscribed = wanted
             self._write_presence(refresh=time.monotonic() >= next_refresh)
+            self._write_reads()
             if time.monotonic() >= next_refresh:
                 next_refresh = time.monotonic() + _REFRESH
             with self._lock:
@@ -427,9 +731,10 @@ class RedisBroker:
                 pending[group] = left
                 return
             pending.pop(group, None)
-            with self._lock:
+            with self._order, self._lock:  # not while a publisher delivers itself: see the class
                 if group in subscribed:
                     self._live.add(group)  # from now on our own broadcasts come back to us
+                    self._applied.notify_all()  # publishers waiting for it
                 else:
                     self._live.discard(group)
         elif kind == "message":
@@ -451,7 +756,8 @@ class RedisBroker:
                 if self._skip.pop(broadcast.number, None) is not None:
                     return  # its PUBLISH failed, we delivered it then, and Redis ran it after all
         try:
-            self._registry.deliver(group, broadcast.message, broadcast.exclude)
+            with self._order:  # after a publisher's own delivery of an earlier position, see the class
+                self._registry.deliver(group, broadcast.message, broadcast.exclude, broadcast.position)
         except Exception:
             logger.exception("dwebsocket: error delivering a broadcast to group %r", group)
 

@@ -1,0 +1,1 @@
+"""dwebsocket's template tag libraries: ``{% load dwebsocket %}``."""

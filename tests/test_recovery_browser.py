@@ -182,23 +182,23 @@ def test_a_plain_websocket_in_the_group_gets_plain_messages(browser, kind):  # n
 
 
 def test_pinned_positions_recover_what_was_broadcast_before_the_first_open(browser):  # noqa: F811
-    """A page rendered at some position (positions option) gets the broadcasts made since,
-    on its first connection, and a recover event."""
+    """A page rendered at some position ({% websocket_position %} in the positions
+    option) gets the broadcasts made since, on its first connection, and a recover event."""
     with start_server("gthread") as server:
-        first, second = pages(browser, server)
-        with first as a, second as b:
+        with open_page(browser, f"{server.http}/client/") as a:
             open_socket(a, "pinned")
             send_all(a, ["before"])
-            # The group's position now, as {% websocket_position %} would render it.
-            position = a.evaluate("socket._positions.pinned")
-            assert position and position.endswith(":1"), position
-            send_all(a, ["after 1", "after 2"])
-            open_socket(b, "pinned", positions={"pinned": position, "ignored": ""}, recoverTimeout=5000)
-            wait(b, "recovers.length === 1")
-            recover = b.evaluate("recovers[0]")
-            assert recover == {"recovered": True, "groups": {"pinned": {"recovered": True,
-                                                                        "position": position[:-1] + "3"}}}
-            assert b.evaluate("got") == ["after 1", "after 2"]
+            with open_page(browser, f"{server.http}/recover-page/?group=pinned") as b:
+                position = b.evaluate("positions.pinned")
+                epoch, seq = position.split(":")
+                assert seq == "1", position
+                send_all(a, ["after 1", "after 2"])  # between the render and the open
+                open_socket(b, "pinned", positions={"pinned": position, "ignored": ""}, recoverTimeout=5000)
+                wait(b, "recovers.length === 1")
+                assert b.evaluate("recovers[0]") == {
+                    "recovered": True, "groups": {"pinned": {"recovered": True, "position": f"{epoch}:3"}},
+                }
+                assert b.evaluate("got") == ["after 1", "after 2"]
         assert "Traceback" not in server.log_text()
 
 

@@ -48,6 +48,7 @@ urlpatterns = [
     path("group/<str:name>/", views.group_chat),
     path("async-group/<str:name>/", views.async_group_chat),
     path("recover-chat/", views.recover_chat),
+    path("recover-page/", views.recover_page),
     path("presence/<str:name>/", views.presence),
     path("broadcast/<str:name>/", views.http_broadcast),
     path("bad-text/broadcast/<str:name>/", views.bad_text_broadcast),

@@ -401,6 +401,13 @@ def recover_chat(request):
         ws.send(f"sent {message if isinstance(message, str) else message.hex()}")
 
 
+def recover_page(request):
+    """A page with dwebsocket.js and group ?group='s position pinned by {% websocket_position %}."""
+    from django.shortcuts import render
+
+    return render(request, "recover.html", {"group": request.GET["group"]})
+
+
 def presence(request, name):
     return JsonResponse({
         "size": group_size(name),

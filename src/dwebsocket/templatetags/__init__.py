@@ -1,1 +1,3 @@
-"""dwebsocket's template tag libraries: ``{% load dwebsocket %}``."""
+"""Template tag libraries: ``{% load dwebsocket %}``."""
+
+__all__: list[str] = []

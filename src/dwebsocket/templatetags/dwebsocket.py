@@ -12,6 +12,8 @@ from django import template
 
 from ..groups import position
 
+__all__ = ["register", "websocket_position"]
+
 register = template.Library()
 
 

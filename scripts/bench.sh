@@ -11,10 +11,15 @@
 #   scripts/bench.sh echo --clients 50 --duration 5
 #   scripts/bench.sh idle --members 10000          # python -m bench.idle: 10,000 idle connections in one process:
 #                                               # KiB each, idle CPU, and whether all still answer a broadcast
+#   scripts/bench.sh storm                      # python -m bench.storm: 1000 dwebsocket.v1 members cut at once
+#                                               # while broadcasts go on; all reconnect with their resume: time
+#                                               # until the last is whole again, lost and duplicated (0 and 0)
+#   scripts/bench.sh storm --configs all        # adds gunicorn gthread and the history-off contrasts
+#   scripts/bench.sh storm --members 50 --steady 1 --after 1 --drain 1   # a smoke run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/_python.sh
-name=${1:?which benchmark: fanout or echo}
+name=${1:?which benchmark: fanout, echo, idle, soak or storm}
 shift
 if ! command -v redis-server >/dev/null 2>&1; then
   [ "$(id -u)" = 0 ] && apt-get update -q >/dev/null && apt-get install -y -q redis-server >/dev/null

@@ -12,6 +12,7 @@
  *     connectTimeout: 10000,               // ms a transport may take to open
  *     positions: {},                       // {group: "epoch:seq"}, pinned by {% websocket_position %}
  *     recoverTimeout: 3000,                // ms after an open that "recover" waits for the joins
+ *     heartbeat: 15000,                    // ms of silence before a ping; lost after twice that (0: off)
  *   });
  *   socket.onopen / onmessage / onclose / onerror / onrecover, addEventListener(...)
  *   socket.send(text or ArrayBuffer/Blob/TypedArray), socket.close(code, reason)
@@ -25,19 +26,29 @@
  * handshake), and a poll that is not answered connectTimeout after the server's
  * poll timeout counts as a lost connection (a server or network gone silent).
  *
- * Recovery (docs/delivery.md), over the WebSocket transport: the client offers
- * the "dwebsocket.v1" subprotocol (each page subprotocol p as
- * "dwebsocket.v1+p", then "dwebsocket.v1"). If the server takes it, every
- * message in either direction is a header, "\n", then the payload; the page
- * sees only payloads, and `protocol` is the page's own subprotocol. The client
- * keeps the position of the last broadcast it got from each group and the ids
- * of its last 5 connections, and sends them on every reconnect (query
- * parameter "dwebsocket.v1"); the server first replays what the page missed.
+ * Recovery (docs/delivery.md), over either transport: the client offers the
+ * "dwebsocket.v1" subprotocol (each page subprotocol p as "dwebsocket.v1+p",
+ * then "dwebsocket.v1"; in the polling open's "protocols"). If the server takes
+ * it, every message in either direction is a header, "\n", then the payload;
+ * the page sees only payloads, and `protocol` is the page's own subprotocol.
+ * The client keeps the position of the last broadcast it got from each group
+ * and the ids of its last 5 connections, and sends them, with its own random
+ * id, on every connection (query parameter "dwebsocket.v1", of the WebSocket
+ * URL or of the polling open); the server first replays what the page missed.
  * Then "recover" fires once: event.recovered (false if some broadcasts were no
  * longer kept) and event.groups ({group: {recovered, position}}). A server
- * whose answer does not name dwebsocket.v1 gets plain WebSocket (a failed
- * handshake is tried once more without offering it). The long-polling
- * transport speaks plain messages (no recovery) for now.
+ * whose answer does not name dwebsocket.v1 gets plain messages (a failed
+ * WebSocket handshake is tried once more without offering it).
+ *
+ * Acknowledged sends, on a dwebsocket.v1 connection: the page's messages are
+ * numbered (header {"n": k}) and kept until the server acknowledges them (a
+ * view read them); after a reconnect the welcome says which number the views
+ * read up to, and the later ones are sent again, in order, before newer ones,
+ * so each reaches a view once. Until the welcome, sends wait. The messages
+ * kept (waiting for a connection, or for their ack) count against maxBuffer.
+ * Heartbeat: after `heartbeat` ms with nothing received the client sends a
+ * ping; with nothing at all received for twice that, the connection counts as
+ * lost (1006) and the client reconnects and recovers.
  */
 (function (root) {
   "use strict";

@@ -306,9 +306,9 @@ def test_messages_sent_right_before_a_drop_reach_the_view_once_in_order(browser,
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "server bug: a numbered message queued but not read when its connection closes is still read "
-    "by the old view (wait() drains the queue after the close) and, never acknowledged, sent again "
-    "by the page on its next connection: the view reads it twice"))
+    "server bug: a numbered message the old connection's view had not read yet when the page "
+    "dropped the connection is still read by that view afterwards, while the page, which never "
+    "got its ack, sends it again on its next connection: the view reads it twice"))
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_message_a_slow_view_had_not_read_when_the_connection_dropped_is_read_once(browser, kind):  # noqa: F811
     """The view sleeps 1 s after each message (?pause=1): when B's connection

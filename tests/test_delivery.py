@@ -273,7 +273,7 @@ def _acked_sends(first: RunningServer, second: RunningServer, group: str) -> Non
     """A page's numbered messages reach the view once, across a reconnect (to *second*)."""
     with ws_connect(first, f"/group/{group}/") as observer:
         assert observer.recv(10).startswith("joined ")
-        sender = SessionClient(first, f"/group/{group}/", client="page-" + group).connect()
+        sender = SessionClient(first, f"/group/{group}/", client=f"page-{group}-0123456789").connect()
         assert sender.welcome["n"] == 0
         sender.send_numbered(1, "a")
         sender.send_numbered(2, "b")
@@ -289,7 +289,7 @@ def _acked_sends(first: RunningServer, second: RunningServer, group: str) -> Non
         assert _observed(observer) == ["c"]
         assert sender.acks()[-1] == 3
         sender.close()
-        stranger = SessionClient(first, f"/group/{group}/", client="another-page").connect()
+        stranger = SessionClient(first, f"/group/{group}/", client="another-page-0123456").connect()
         assert stranger.welcome["n"] == 0
         stranger.close()
     plain = SessionClient(first, "/echo/").connect()
@@ -307,7 +307,7 @@ def test_acknowledged_sends_reach_the_view_once(server: RunningServer) -> None:
 @pytest.mark.parametrize("kind", ["gthread", "uvicorn"])
 def test_a_message_the_view_never_read_is_not_acknowledged_and_comes_again(kind: str) -> None:
     with start_server(kind) as running:
-        sender = SessionClient(running, "/busy-echo/?first=read&busy=3", client="slow-page").connect()
+        sender = SessionClient(running, "/busy-echo/?first=read&busy=3", client="slow-page-0123456789").connect()
         sender.send_numbered(1, "one")
         assert sender.recv() == (None, "one")
         sender.send_numbered(2, "two")  # the view sleeps: nobody reads it

@@ -46,7 +46,11 @@ RESUME_PARAMETER = "dwebsocket.v1"
 _PREFIX = PROTOCOL + "+"
 _MAX_IDS = 16  # earlier connection ids a resume may name (dwebsocket.js sends 5)
 _MAX_RESUME = 64 * 1024  # bytes of resume parameter read at most
-_MAX_CLIENT = 64  # characters of a client id
+# A client id is the page's secret (whoever knows it could move its read
+# marks): at least 64 random bits, as dwebsocket.js makes them.
+_MIN_CLIENT, _MAX_CLIENT = 16, 64
+_MAX_POSITIONS = 200  # groups a resume may name (a page is in WEBSOCKET_MAX_GROUPS, 100 by default)
+_MAX_GROUP = 200  # characters of a group name, as join() allows
 
 
 class _Transport(Protocol):
@@ -110,13 +114,15 @@ def parse_resume(text: str) -> Resume:
     if isinstance(positions, dict):
         for group, position in positions.items():
             parsed = parse_position(position)
-            if isinstance(group, str) and parsed is not None:
+            if isinstance(group, str) and 0 < len(group) <= _MAX_GROUP and parsed is not None:
                 resume.positions[group] = parsed
+                if len(resume.positions) == _MAX_POSITIONS:
+                    break
     ids = data.get("x")
     if isinstance(ids, list):
         resume.ids = [i for i in ids if isinstance(i, str)][:_MAX_IDS]
     client = data.get("c")
-    if isinstance(client, str) and 0 < len(client) <= _MAX_CLIENT:
+    if isinstance(client, str) and _MIN_CLIENT <= len(client) <= _MAX_CLIENT:
         resume.client = client
     return resume
 

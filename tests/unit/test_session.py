@@ -40,8 +40,12 @@ def test_a_resume_is_read_leniently() -> None:
     assert parse_resume("{not json") == Resume()
     assert parse_resume("[1]") == Resume()
     assert parse_resume(json.dumps({"x": ["i"] * 100})).ids == ["i"] * 16
-    assert parse_resume(json.dumps({"c": "page-1"})).client == "page-1"
+    assert parse_resume(json.dumps({"c": "0123456789abcdef"})).client == "0123456789abcdef"
+    assert parse_resume(json.dumps({"c": "short"})).client is None  # guessable
     assert parse_resume(json.dumps({"c": "p" * 65})).client is None
+    many = {f"g{i}": "e:1" for i in range(500)}
+    assert len(parse_resume(json.dumps({"p": many})).positions) == 200
+    assert parse_resume(json.dumps({"p": {"x" * 201: "e:1"}})).positions == {}
     assert parse_resume(json.dumps({"c": 5})).client is None
 
 
@@ -61,7 +65,7 @@ def test_inbound_strips_the_empty_header_and_keeps_the_type() -> None:
     assert session.inbound('{"n":1}\nnumbered', transport) is None  # numbered, but this client said no id
     assert session.inbound("no header", transport) == ("no header", None)
     assert transport.sent == []
-    numbering = Session("me", Resume(client="page"))
+    numbering = Session("me", Resume(client="page-0123456789ab"))
     assert numbering.inbound('{"n":7}\nseven', transport) == ("seven", 7)
     assert numbering.inbound(b'{"n":8}\n\x08', transport) == (b"\x08", 8)
     for bad in ('{"n":0}\nx', '{"n":true}\nx', '{"n":"1"}\nx', '{"n":1\nx', b'\xff\nx'):

@@ -61,11 +61,12 @@
   var NEWLINE = 0x0a;
   var PING = '{"t":"ping"}\n'; // the heartbeat, exactly as the server knows it
 
-  // The page's id in every resume ("c"): 16 random hex digits.
+  // The page's id in every resume ("c"): 64 random bits as 16 hex digits. It
+  // is the page's secret (whoever knows it could move its read marks): without
+  // a cryptographic random source there is none, and no acknowledged sends.
   function randomId() {
-    var bytes = new Uint8Array(8), id = "";
-    if (root.crypto && typeof root.crypto.getRandomValues === "function") root.crypto.getRandomValues(bytes);
-    else for (var j = 0; j < bytes.length; j++) bytes[j] = Math.floor(Math.random() * 256);
+    if (!root.crypto || typeof root.crypto.getRandomValues !== "function") return null;
+    var bytes = root.crypto.getRandomValues(new Uint8Array(8)), id = "";
     for (var i = 0; i < bytes.length; i++) id += (bytes[i] < 16 ? "0" : "") + bytes[i].toString(16);
     return id;
   }
@@ -429,7 +430,7 @@
       this._startHeartbeat(transport);
     }
     this._emit("open");
-    // A dwebsocket.v1 connection takes messages once its welcome came (_welcomed).
+    // A dwebsocket.v1 connection takes messages once its welcome came (_receivedMessage).
     if (!transport.session && this._active === transport) this._ready(transport, false);
   };
 
@@ -541,7 +542,9 @@
   DWebSocket.prototype._resume = function () {
     var positions = {};
     Object.keys(this._positions).forEach(function (group) { positions[group] = this._positions[group]; }, this);
-    return { p: positions, x: this._connectionIds.slice(), c: this._clientId };
+    var resume = { p: positions, x: this._connectionIds.slice() };
+    if (this._clientId) resume.c = this._clientId;
+    return resume;
   };
 
   DWebSocket.prototype._startRecovery = function (transport) {

@@ -242,6 +242,44 @@ def test_a_group_the_view_does_not_join_again_counts_as_not_recovered(browser): 
         assert "Traceback" not in server.log_text()
 
 
+# While window.refuseV1, a WebSocket that offers dwebsocket.v1 goes to a closed port (refused), as
+# to a server still restarting: the client's plain retry then reaches the server, which is up again.
+REFUSE_V1 = """(() => {
+    const Real = window.WebSocket;
+    window.WebSocket = function (url, protocols) {
+        const v1 = [].concat(protocols || []).some((p) => p.startsWith("dwebsocket.v1"));
+        return new Real(window.refuseV1 && v1 ? "ws://127.0.0.1:9/" : url, protocols);
+    };
+    window.WebSocket.prototype = Real.prototype;
+})();"""
+
+
+def test_a_plain_reconnection_tells_the_page_its_missed_broadcasts_are_lost(browser):  # noqa: F811
+    """A reconnection that ends up plain (the handshake offering dwebsocket.v1
+    failed, the plain retry did not) recovers nothing: recover fires with
+    recovered false, and the positions are forgotten."""
+    with start_server("uvicorn") as server:
+        with open_page(browser, f"{server.http}/client/") as a, \
+                open_page(browser, f"{server.http}/client/", REFUSE_V1) as b:
+            open_socket(a, "plain-again")
+            open_socket(b, "plain-again")
+            warm_up(a, b)
+            b.evaluate("window.refuseV1 = true")
+            b.evaluate(DROP)
+            wait(b, "closes.length === 1 && window.release !== null")
+            send_all(a, ["missed"])
+            b.evaluate("release()")
+            wait(b, "recovers.length === 1")
+            assert b.evaluate("recovers[0]") == {
+                "recovered": False, "groups": {"plain-again": {"recovered": False, "position": None}},
+            }
+            assert b.evaluate("socket._positions") == {}
+            send_all(a, ["live"])  # the plain connection is in the group (its view joined it)
+            wait(b, "got.includes('live')")
+            assert b.evaluate("got") == ["hello", "live"]
+        assert "Traceback" not in server.log_text()
+
+
 def test_dwebsocket_v1_keeps_the_page_s_own_subprotocol(browser):  # noqa: F811
     with start_server("uvicorn") as server, open_page(browser, f"{server.http}/client/") as page:
         page.evaluate("""() => {

@@ -431,7 +431,24 @@
     }
     this._emit("open");
     // A dwebsocket.v1 connection takes messages once its welcome came (_receivedMessage).
-    if (!transport.session && this._active === transport) this._ready(transport, false);
+    if (!transport.session && this._active === transport) {
+      this._plainOpened();
+      if (this._active === transport) this._ready(transport, false);
+    }
+  };
+
+  // A plain connection (the server did not take dwebsocket.v1: an older one,
+  // or the plain retry of a handshake that failed, as one to a server still
+  // restarting does) recovers nothing, and its broadcasts carry no positions:
+  // the page is told that what it missed is lost, and the positions are
+  // forgotten (a later connection must not replay what came meanwhile).
+  DWebSocket.prototype._plainOpened = function () {
+    var lost = Object.keys(this._positions);
+    this._positions = {};
+    if (!lost.length) return;
+    var groups = {};
+    lost.forEach(function (group) { groups[group] = { recovered: false, position: null }; });
+    this._emit("recover", { recovered: false, groups: groups });
   };
 
   // *transport* takes messages: first the unacknowledged ones, again, then

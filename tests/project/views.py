@@ -392,13 +392,17 @@ async def async_group_chat(request, name):
 @require_websocket
 def recover_chat(request):
     """Joins group ?group=, broadcasts what the client sends to the others, and
-    answers the sender "sent <message>" once the broadcast is made."""
+    answers the sender "sent <message>" once the broadcast is made (then
+    sleeps ?pause= seconds, if given)."""
     ws = request.websocket
     name = request.GET["group"]
+    pause = float(request.GET.get("pause", "0"))  # seconds after each message: a slow view
     ws.join(name)
     for message in ws:
         broadcast(name, message, exclude=ws)
         ws.send(f"sent {message if isinstance(message, str) else message.hex()}")
+        if pause:
+            time.sleep(pause)
 
 
 def recover_page(request):

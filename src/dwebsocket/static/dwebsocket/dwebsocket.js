@@ -12,6 +12,7 @@
  *     connectTimeout: 10000,               // ms a transport may take to open
  *     positions: {},                       // {group: "epoch:seq"}, pinned by {% websocket_position %}
  *     recoverTimeout: 3000,                // ms after an open that "recover" waits for the joins
+ *     heartbeat: 15000,                    // ms of silence before a ping; lost after twice that (0: off)
  *   });
  *   socket.onopen / onmessage / onclose / onerror / onrecover, addEventListener(...)
  *   socket.send(text or ArrayBuffer/Blob/TypedArray), socket.close(code, reason)
@@ -25,19 +26,29 @@
  * handshake), and a poll that is not answered connectTimeout after the server's
  * poll timeout counts as a lost connection (a server or network gone silent).
  *
- * Recovery (docs/delivery.md), over the WebSocket transport: the client offers
- * the "dwebsocket.v1" subprotocol (each page subprotocol p as
- * "dwebsocket.v1+p", then "dwebsocket.v1"). If the server takes it, every
- * message in either direction is a header, "\n", then the payload; the page
- * sees only payloads, and `protocol` is the page's own subprotocol. The client
- * keeps the position of the last broadcast it got from each group and the ids
- * of its last 5 connections, and sends them on every reconnect (query
- * parameter "dwebsocket.v1"); the server first replays what the page missed.
+ * Recovery (docs/delivery.md), over either transport: the client offers the
+ * "dwebsocket.v1" subprotocol (each page subprotocol p as "dwebsocket.v1+p",
+ * then "dwebsocket.v1"; in the polling open's "protocols"). If the server takes
+ * it, every message in either direction is a header, "\n", then the payload;
+ * the page sees only payloads, and `protocol` is the page's own subprotocol.
+ * The client keeps the position of the last broadcast it got from each group
+ * and the ids of its last 5 connections, and sends them, with its own random
+ * id, on every connection (query parameter "dwebsocket.v1", of the WebSocket
+ * URL or of the polling open); the server first replays what the page missed.
  * Then "recover" fires once: event.recovered (false if some broadcasts were no
  * longer kept) and event.groups ({group: {recovered, position}}). A server
- * whose answer does not name dwebsocket.v1 gets plain WebSocket (a failed
- * handshake is tried once more without offering it). The long-polling
- * transport speaks plain messages (no recovery) for now.
+ * whose answer does not name dwebsocket.v1 gets plain messages (a failed
+ * WebSocket handshake is tried once more without offering it).
+ *
+ * Acknowledged sends, on a dwebsocket.v1 connection: the page's messages are
+ * numbered (header {"n": k}) and kept until the server acknowledges them (a
+ * view read them); after a reconnect the welcome says which number the views
+ * read up to, and the later ones are sent again, in order, before newer ones,
+ * so each reaches a view once. Until the welcome, sends wait. The messages
+ * kept (waiting for a connection, or for their ack) count against maxBuffer.
+ * Heartbeat: after `heartbeat` ms with nothing received the client sends a
+ * ping; with nothing at all received for twice that, the connection counts as
+ * lost (1006) and the client reconnects and recovers.
  */
 (function (root) {
   "use strict";
@@ -48,6 +59,17 @@
   var PROTOCOL = "dwebsocket.v1"; // the subprotocol of docs/delivery.md, and its resume query parameter
   var KEPT_CONNECTION_IDS = 5;
   var NEWLINE = 0x0a;
+  var PING = '{"t":"ping"}\n'; // the heartbeat, exactly as the server knows it
+
+  // The page's id in every resume ("c"): 64 random bits as 16 hex digits. It
+  // is the page's secret (whoever knows it could move its read marks): without
+  // a cryptographic random source there is none, and no acknowledged sends.
+  function randomId() {
+    if (!root.crypto || typeof root.crypto.getRandomValues !== "function") return null;
+    var bytes = root.crypto.getRandomValues(new Uint8Array(8)), id = "";
+    for (var i = 0; i < bytes.length; i++) id += (bytes[i] < 16 ? "0" : "") + bytes[i].toString(16);
+    return id;
+  }
 
   function absoluteUrl(url, scheme) {
     var parsed = new URL(url, root.location.href);
@@ -125,14 +147,20 @@
     return { header: header, payload: data };
   }
 
-  // A message with an empty header, as the page's send() gave it (a string or an ArrayBuffer).
-  function plainMessage(data) {
-    if (typeof data === "string") return "\n" + data;
-    var framed = new Uint8Array(data.byteLength + 1);
-    framed[0] = NEWLINE;
-    framed.set(new Uint8Array(data), 1);
+  // A message with *header* (a JSON text, or "" for the empty one) before
+  // what the page's send() gave (a string or an ArrayBuffer), of the same type.
+  function framedMessage(header, data) {
+    if (typeof data === "string") return header + "\n" + data;
+    var head = new root.TextEncoder().encode(header);
+    var framed = new Uint8Array(head.length + 1 + data.byteLength);
+    framed.set(head, 0);
+    framed[head.length] = NEWLINE;
+    framed.set(new Uint8Array(data), head.length + 1);
     return framed.buffer;
   }
+
+  // A message with an empty header, as the page's send() gave it.
+  function plainMessage(data) { return framedMessage("", data); }
 
   /* -- the WebSocket transport --------------------------------------------- */
 
@@ -177,6 +205,7 @@
       ws.onmessage = function (event) {
         if (!opened) return;
         if (!session) { owner._received(event.data); return; }
+        owner._heard(self);
         var message = parseMessage(event.data);
         owner._receivedMessage(self, message.header, message.payload);
       };
@@ -185,22 +214,28 @@
         else owner._transportClosed(self, event.code, event.reason, event.wasClean);
       };
     };
-    this.send = function (data) { ws.send(session ? plainMessage(data) : data); };
+    // header: a dwebsocket.v1 header (JSON text), or none for the empty one.
+    this.send = function (data, header) { ws.send(session ? framedMessage(header || "", data) : data); };
+    this.ping = function () { ws.send(PING); };
     this.close = function (code, reason) { try { ws.close(code, reason); } catch (e) { ws.close(); } };
   }
 
   /* -- the long-polling transport ---------------------------------------------- */
 
   function PollingTransport(owner) {
-    var sid = null, closed = false, queue = [], sending = false, self = this;
+    var sid = null, closed = false, queue = [], sending = false, self = this, session = false;
     var base = absoluteUrl(owner.url, "http");
     this.name = "polling";
+    this.plain = false;
+    this.resumed = []; // the groups the resume parameter of this session named
+    this.session = false; // true once the server took dwebsocket.v1
 
     var pollTimeout = 25000; // the server's WEBSOCKET_POLL_TIMEOUT, as its open answer tells
 
     // timeout: ms after which the request is given up (rejects), or 0 for none.
-    function request(method, action, body, timeout) {
-      var params = { dwebsocket: action }, controller = null, timer = null;
+    // extra: more query parameters (the resume, for an open).
+    function request(method, action, body, timeout, extra) {
+      var params = Object.assign({ dwebsocket: action }, extra || {}), controller = null, timer = null;
       if (sid) params.sid = sid;
       if (timeout && typeof root.AbortController === "function") {
         controller = new root.AbortController();
@@ -229,8 +264,13 @@
         if (!response.ok) throw new Error("poll answered " + response.status);
         return response.json();
       }).then(function (batch) {
+        if (closed) return;
+        if (session) owner._heard(self); // an answer, even an empty one, is a sign of life
         batch.messages.forEach(function (item) {
-          owner._received(item.text !== undefined ? item.text : fromBase64(item.binary));
+          var data = item.text !== undefined ? item.text : fromBase64(item.binary);
+          if (!session) { owner._received(data); return; }
+          var message = parseMessage(data);
+          owner._receivedMessage(self, message.header, message.payload);
         });
         if (batch.close) finish(batch.close.code, batch.close.reason, true);
         else poll();
@@ -256,20 +296,30 @@
 
     this.start = function () {
       if (typeof root.fetch !== "function") { owner._transportFailed(this, "no fetch"); return; }
-      request("POST", "open", { protocols: owner._protocols }, owner._connectTimeout).then(function (response) {
+      // As over WebSocket: offer dwebsocket.v1 (and dwebsocket.v1+<p>), the resume in the open's query.
+      var resume = owner._resume(), extra = {};
+      extra[PROTOCOL] = JSON.stringify(resume);
+      this.resumed = Object.keys(resume.p);
+      var body = { protocols: offeredProtocols(owner._protocols) };
+      request("POST", "open", body, owner._connectTimeout, extra).then(function (response) {
         if (!response.ok) throw new Error("open answered " + response.status);
         return response.json();
       }).then(function (opened) {
         sid = opened.sid;
         if (typeof opened.timeout === "number") pollTimeout = opened.timeout * 1000;
-        owner._transportOpened(self, opened.subprotocol || "");
+        var protocol = acceptedProtocol(opened.subprotocol);
+        session = self.session = protocol !== null;
+        owner._transportOpened(self, session ? protocol : opened.subprotocol || "");
         poll();
       }).catch(function (error) { owner._transportFailed(self, error); });
     };
-    this.send = function (data) {
+    // header: a dwebsocket.v1 header (JSON text), or none for the empty one.
+    function enqueue(data) {
       queue.push(typeof data === "string" ? { text: data } : { binary: toBase64(data) });
       flush();
-    };
+    }
+    this.send = function (data, header) { enqueue(session ? framedMessage(header || "", data) : data); };
+    this.ping = function () { enqueue(PING); };
     this.close = function (code, reason) {
       if (closed) return;
       request("POST", "close", { code: code || 1000, reason: reason || "" }).catch(function () {});
@@ -299,6 +349,7 @@
       maxBuffer: reconnect.maxBuffer || 1000,
     } : null;
     this._recoverTimeout = options.recoverTimeout === undefined ? 3000 : options.recoverTimeout;
+    this._heartbeat = options.heartbeat === undefined ? 15000 : options.heartbeat; // ms, 0: off
     // Per group, the position ("epoch:seq") of the last broadcast received, or a pinned one.
     this._positions = {};
     var pinned = options.positions || {};
@@ -308,7 +359,12 @@
     this._connectionIds = []; // the ids of the last connections (welcome), oldest first
     this._recovery = null; // {transport, groups: {group: result or null}, timer} until "recover" fires
     this._listeners = {};
-    this._buffer = [];
+    this._buffer = []; // messages waiting for a connection that can take them
+    // Acknowledged sends: the page's id, the number of its last numbered
+    // message, and the numbered messages not acknowledged yet ({n, data}), oldest first.
+    this._clientId = randomId();
+    this._numbered = 0;
+    this._unacked = [];
     this._attempt = 0;
     this._closedByUser = false;
     this._connect(0);
@@ -369,10 +425,93 @@
     this.protocol = protocol;
     if (this._closedByUser) { transport.close(1000, ""); return; }
     this.readyState = OPEN;
-    if (transport.session && transport.resumed.length) this._startRecovery(transport);
+    if (transport.session) {
+      if (transport.resumed.length) this._startRecovery(transport);
+      this._startHeartbeat(transport);
+    }
     this._emit("open");
+    // A dwebsocket.v1 connection takes messages once its welcome came (_receivedMessage).
+    if (!transport.session && this._active === transport) {
+      this._plainOpened();
+      if (this._active === transport) this._ready(transport, false);
+    }
+  };
+
+  // A plain connection (the server did not take dwebsocket.v1: an older one,
+  // or the plain retry of a handshake that failed, as one to a server still
+  // restarting does) recovers nothing, and its broadcasts carry no positions:
+  // the page is told that what it missed is lost, and the positions are
+  // forgotten (a later connection must not replay what came meanwhile).
+  DWebSocket.prototype._plainOpened = function () {
+    var lost = Object.keys(this._positions);
+    this._positions = {};
+    if (!lost.length) return;
+    var groups = {};
+    lost.forEach(function (group) { groups[group] = { recovered: false, position: null }; });
+    this._emit("recover", { recovered: false, groups: groups });
+  };
+
+  // *transport* takes messages: first the unacknowledged ones, again, then
+  // those that waited. acks: whether it acknowledges them (numbers them).
+  DWebSocket.prototype._ready = function (transport, acks) {
+    transport.ready = true;
+    transport.acks = acks;
+    var unacked = this._unacked;
+    if (!acks) this._unacked = []; // a connection without acks: sent once more, unnumbered
+    unacked.forEach(function (item) {
+      if (acks) transport.send(item.data, JSON.stringify({ n: item.n }));
+      else transport.send(item.data);
+    });
     var buffered = this._buffer.splice(0, this._buffer.length);
-    buffered.forEach(function (data) { transport.send(data); });
+    buffered.forEach(function (data) { this._transmit(transport, data); }, this);
+  };
+
+  // Sends *data* on *transport* (ready), numbered if it acknowledges.
+  DWebSocket.prototype._transmit = function (transport, data) {
+    if (!transport.acks) { transport.send(data); return; }
+    var n = ++this._numbered;
+    this._unacked.push({ n: n, data: data });
+    transport.send(data, JSON.stringify({ n: n }));
+  };
+
+  // Drops the numbered messages up to *n*: a view has read them.
+  DWebSocket.prototype._acknowledged = function (n) {
+    var unacked = this._unacked, count = 0;
+    while (count < unacked.length && unacked[count].n <= n) count++;
+    if (count) unacked.splice(0, count);
+  };
+
+  /* The heartbeat, on a dwebsocket.v1 connection: a ping after `heartbeat` ms
+   * with nothing received; the connection counts as lost after twice that. */
+  DWebSocket.prototype._startHeartbeat = function (transport) {
+    var self = this, every = this._heartbeat;
+    if (!(every > 0)) return;
+    transport.heard = Date.now();
+    transport.pinged = false;
+    function tick() {
+      if (transport !== self._active) return;
+      var quiet = Date.now() - transport.heard;
+      if (quiet >= 2 * every) { self._silent(transport); return; }
+      if (quiet >= every && !transport.pinged) {
+        transport.pinged = true;
+        try { transport.ping(); } catch (e) { /* closing: its close tells */ }
+      }
+      transport.heartbeatTimer = root.setTimeout(tick, (quiet >= every ? 2 * every : every) - quiet);
+    }
+    transport.heartbeatTimer = root.setTimeout(tick, every);
+  };
+
+  // Something came on *transport* (a dwebsocket.v1 one).
+  DWebSocket.prototype._heard = function (transport) {
+    transport.heard = Date.now();
+    transport.pinged = false;
+  };
+
+  // *transport* went silent: lost, as if it had dropped (the next connection
+  // resumes), without waiting for a close that may never come.
+  DWebSocket.prototype._silent = function (transport) {
+    this._transportClosed(transport, 1006, "", false);
+    transport.close(1000, "");
   };
 
   DWebSocket.prototype._received = function (data) {
@@ -393,14 +532,21 @@
       if (typeof header.p === "string") this._positions[group] = header.p;
       this._received(payload);
     } else if (header.t === "welcome") {
-      if (typeof header.id !== "string") return;
+      if (typeof header.id !== "string" || transport.ready) return;
       this._connectionIds.push(header.id);
       if (this._connectionIds.length > KEPT_CONNECTION_IDS) this._connectionIds.shift();
+      // "n": the last of the page's messages a view has read; the later ones go again.
+      var acks = typeof header.n === "number";
+      if (acks) this._acknowledged(header.n);
+      this._ready(transport, acks);
+    } else if (header.t === "ack") {
+      if (typeof header.n === "number") this._acknowledged(header.n);
     } else if (header.t === "joined") {
       if (group === null) return;
       var position = typeof header.p === "string" && header.p ? header.p : null;
+      // Without "p" the server could not read the group's history (Redis
+      // down): keep the old position, from which a later connection may recover.
       if (position) this._positions[group] = position;
-      else delete this._positions[group]; // the group keeps no history: nothing to resume from
       this._joined(transport, group, header.r === true, position);
     } else if (header.t === "left") {
       if (group !== null) delete this._positions[group];
@@ -408,13 +554,14 @@
     // Any other "t": a message of a later version, ignored.
   };
 
-  // The resume parameter for the next connection, or null if there is nothing to tell.
+  // The resume parameter of the next dwebsocket.v1 connection: positions,
+  // earlier connection ids, and the page's id (its messages are numbered).
   DWebSocket.prototype._resume = function () {
-    var groups = Object.keys(this._positions);
-    if (!groups.length && !this._connectionIds.length) return null;
     var positions = {};
-    groups.forEach(function (group) { positions[group] = this._positions[group]; }, this);
-    return { p: positions, x: this._connectionIds.slice() };
+    Object.keys(this._positions).forEach(function (group) { positions[group] = this._positions[group]; }, this);
+    var resume = { p: positions, x: this._connectionIds.slice() };
+    if (this._clientId) resume.c = this._clientId;
+    return resume;
   };
 
   DWebSocket.prototype._startRecovery = function (transport) {
@@ -454,6 +601,7 @@
   DWebSocket.prototype._transportClosed = function (transport, code, reason, wasClean) {
     if (transport !== this._active) return;
     this._active = null;
+    root.clearTimeout(transport.heartbeatTimer);
     if (this._recovery && this._recovery.transport === transport) {
       // Lost before it could tell: the next connection resumes from where this one got.
       root.clearTimeout(this._recovery.timer);
@@ -492,10 +640,11 @@
       }
       if (ArrayBuffer.isView(data)) data = data.buffer.slice(data.byteOffset, data.byteOffset + data.byteLength);
     }
-    if (this.readyState === OPEN && this._active) { this._active.send(data); return; }
-    if (this._buffer.length >= (this._reconnect ? this._reconnect.maxBuffer : 1000)) {
-      throw new Error("DWebSocket: too many messages waiting for the connection");
+    // Kept: the messages waiting for a connection, and those not acknowledged yet.
+    if (this._buffer.length + this._unacked.length >= (this._reconnect ? this._reconnect.maxBuffer : 1000)) {
+      throw new Error("DWebSocket: too many messages waiting for the connection or its acknowledgement");
     }
+    if (this.readyState === OPEN && this._active && this._active.ready) { this._transmit(this._active, data); return; }
     this._buffer.push(data);
   };
 

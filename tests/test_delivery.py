@@ -322,6 +322,36 @@ def test_a_message_the_view_never_read_is_not_acknowledged_and_comes_again(kind:
         sender.close()
 
 
+@pytest.mark.parametrize("kind", ["gthread", "uvicorn"])
+@pytest.mark.parametrize("drop", ["closed", "silent"])
+def test_what_the_old_view_had_not_read_is_read_once_after_a_reconnect(kind: str, drop: str) -> None:
+    """The view sleeps 1 s after each message: when the page's connection drops, "two" and
+    "three" wait in its queue, unread and unacknowledged, and the page sends them again.
+    "closed": the server saw the drop; "silent": it did not (the old connection still looks
+    open when the new one comes), and the new connection of the same page takes over."""
+    with start_server(kind) as running, ws_connect(running, "/group/twice/") as observer:
+        assert observer.recv(10).startswith("joined ")
+        page = SessionClient(running, "/recover-chat/?group=twice&pause=1", client="0123456789abcdef").connect()
+        page.until_joined("twice")
+        for number, text in enumerate(["one", "two", "three"], 1):
+            page.send_numbered(number, text)
+        if drop == "closed":
+            page.close()
+        else:
+            page._stack.pop_all()  # keep the old socket open: the server sees no drop
+            old = page.ws
+        page.connect()
+        read = page.welcome["n"]
+        assert read == 1  # the view had read "one" only
+        for number, text in enumerate(["one", "two", "three"], 1):
+            if number > read:
+                page.send_numbered(number, text)
+        assert _observed(observer, 4) == ["one", "two", "three"]
+        page.close()
+        if drop == "silent":
+            old.close()
+
+
 # -- across processes, through Redis ------------------------------------------------
 
 

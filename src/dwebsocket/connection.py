@@ -163,6 +163,28 @@ class Connection:
                 session.accepted = number
         self._changed()
 
+    def _drop_numbered(self) -> None:
+        """Drop the numbered messages the view has not read; hold ``_cond``.
+
+        The page never got their acknowledgements, so it sends them again on
+        its next connection: read here too, they would reach a view twice.
+        """
+        session = self._session
+        if session is None or not any(n is not None for n in session.numbers):
+            return
+        kept = [(m, n) for m, n in zip(self._messages, session.numbers) if n is None]
+        self._messages = deque(m for m, _ in kept)
+        session.numbers = deque(n for _, n in kept)
+        self._queued_bytes = sum(queued_size(m) for m in self._messages)
+        self._changed()
+
+    def _supersede(self) -> None:
+        """A newer connection of the same page took over: this one's view gets no more of its numbered messages."""
+        with self._cond:
+            if self._session is not None:
+                self._session.superseded = True
+                self._drop_numbered()
+
     def _acknowledge_read(self) -> None:
         """Acknowledge the numbered message just read, if any; call without ``_cond``."""
         number = self._read_number
@@ -532,6 +554,8 @@ class Link:
                 c._close_reason = reason
                 hooks, c._close_hooks = c._close_hooks, []
                 admitted, c._admitted = c._admitted, False
+                if code not in (1000, 1001):  # a drop: the page reconnects and sends them again
+                    c._drop_numbered()
             c._changed()
         if first:
             if admitted:  # exactly once: _admitted is set once and cleared here, under _cond
@@ -580,4 +604,4 @@ def _nothing() -> None:
 def _copy(c: Connection, number: int | None) -> bool:
     """Whether message *number* is a copy of one already queued (the client sent it again); hold ``_cond``."""
     session = c._session
-    return number is not None and session is not None and number <= session.accepted
+    return number is not None and session is not None and (number <= session.accepted or session.superseded)

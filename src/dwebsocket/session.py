@@ -188,6 +188,9 @@ class Session:
         # number of each queued message (None for an unnumbered one), in queue order.
         self.accepted = 0
         self.numbers: deque[int | None] = deque()
+        # A newer connection of the same page took over (see WebSocket._take_over):
+        # this one takes no more numbered messages. Guarded by Connection._cond too.
+        self.superseded = False
 
     # -- from the client ------------------------------------------------------
 

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
@@ -63,6 +64,12 @@ def _user_id(request: HttpRequest) -> str | None:
     except Exception:  # no auth middleware, or a lazy user that cannot load here (async)
         pass
     return None
+
+
+# The latest connection of each page (dwebsocket.v1 client id) in this
+# process, held weakly; guarded by _pages_lock.
+_pages: weakref.WeakValueDictionary[str, WebSocket] = weakref.WeakValueDictionary()
+_pages_lock = threading.Lock()
 
 
 class WebSocket(Connection):
@@ -194,10 +201,20 @@ class WebSocket(Connection):
             session.welcome(transport, read)
 
     def _last_read(self) -> int | None:
-        """For a client that numbers its messages: the last of them a view has read (0: none)."""
+        """For a client that numbers its messages: the last of them a view has read (0: none).
+
+        First takes over from the page's earlier connection in this process,
+        if it is still open here (the server has not noticed the drop yet):
+        that one's view must not read what the page will send again.
+        """
         session = self._session
         if session is None or session.client is None:
             return None
+        with _pages_lock:
+            earlier = _pages.get(session.client)
+            _pages[session.client] = self
+        if earlier is not None and earlier is not self:
+            earlier._supersede()
         return groups.last_read(session.client)
 
     def _acknowledge(self, number: int) -> None:

@@ -398,11 +398,14 @@ def test_a_joined_without_a_position_keeps_the_old_one(browser):  # noqa: F811
 # -- across processes, through Redis ---------------------------------------------------
 
 
-def test_a_page_whose_process_was_killed_recovers_on_its_restart_through_redis(browser):  # noqa: F811
+@pytest.mark.parametrize("transport", ["websocket", "polling"])
+def test_a_page_whose_process_was_killed_recovers_on_its_restart_through_redis(browser, transport):  # noqa: F811
     """Page B on process 1 (gthread), page A on process 2 (uvicorn), one Redis.
     Process 1 is killed (SIGKILL) while A broadcasts; it is started again on
     the same port (B's page and its socket's URL are on that origin), B
-    reconnects to it and recovers from the group's history in Redis."""
+    reconnects to it and recovers from the group's history in Redis. Over
+    long-polling B learns of the death when its session's owner stops
+    answering for it (404 within seconds, docs/reliability.md)."""
     missed = [f"m{i}" for i in range(15)]
     with start_redis() as redis, contextlib.ExitStack() as stack:
         env = {"DWS_TEST_BROKER": redis.url}
@@ -411,13 +414,13 @@ def test_a_page_whose_process_was_killed_recovers_on_its_restart_through_redis(b
         first = stack.enter_context(start_server("gthread", env=env, port=port))
         with open_page(browser, f"{second.http}/client/") as a, open_page(browser, f"{first.http}/client/") as b:
             open_socket(a, "killed")
-            open_socket(b, "killed")
+            open_socket(b, "killed", transports=[transport])
             for page in (a, b):  # the views joined (through Redis): a broadcast reaches both
                 wait(page, "socket._positions.killed !== undefined")
             warm_up(a, b)
             os.killpg(first.process.pid, signal.SIGKILL)  # the group of the process this test started
             first.process.wait()
-            wait(b, "closes.length === 1")
+            wait(b, "closes.length === 1", timeout=30_000)
             send_all(a, missed[:10])
             b.evaluate(SEND, ["from b while away"])  # buffered until B is back
             restarted = stack.enter_context(start_server("gthread", env=env, port=port))

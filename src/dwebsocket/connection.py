@@ -84,7 +84,9 @@ class Connection:
 
     Concurrency: ``_cond`` (one lock) owns ``_messages``, ``_queued_bytes``,
     ``_state``, ``_close_code``, ``_close_reason``, ``_transport``, ``_pump``,
-    ``_listeners``, ``_close_hooks`` and ``_admitted``. The transport is the only producer of
+    ``_listeners``, ``_close_hooks``, ``_admitted``, ``_read_number`` and, of
+    a ``dwebsocket.v1`` session (``_session``, set once before the transport),
+    the inbound fields ``accepted``, ``numbers`` and ``superseded``. The transport is the only producer of
     messages; any thread may consume them or send. A transport that can read
     in the consumer's thread gives a *pump*: :meth:`wait` then reads there,
     with ``_cond`` released, instead of waiting for another thread to deliver. Listeners (how coroutines wait, see

@@ -425,12 +425,10 @@ class Link:
         c = self._ref()
         if c is None:
             return True
-        number = None
-        if c._session is not None:
-            inbound = c._session.inbound(message, c._transport)
-            if inbound is None:
-                return True
-            message, number = inbound
+        inbound = _inbound(c, message)
+        if inbound is None:
+            return True
+        message, number = inbound
         deadline = None if timeout is None else time.monotonic() + timeout
         with c._cond:
             if _copy(c, number):
@@ -453,12 +451,10 @@ class Link:
         c = self._ref()
         if c is None:
             return True
-        number = None
-        if c._session is not None:
-            inbound = c._session.inbound(message, c._transport)
-            if inbound is None:
-                return True
-            message, number = inbound
+        inbound = _inbound(c, message)
+        if inbound is None:
+            return True
+        message, number = inbound
         with c._cond:
             if _copy(c, number):
                 return True
@@ -478,10 +474,7 @@ class Link:
         c = self._ref()
         if c is None:
             return True
-        session = c._session
-        numbered: list[tuple[Message, int | None]] = [(m, None) for m in messages]
-        if session is not None:
-            numbered = [i for i in (session.inbound(m, c._transport) for m in messages) if i is not None]
+        numbered = [i for i in (_inbound(c, m) for m in messages) if i is not None]
         limits = c._limits
         with c._cond:
             if c._state != OPEN:
@@ -601,6 +594,12 @@ class Link:
 
 def _nothing() -> None:
     """The undo of a listener that was never added."""
+
+
+def _inbound(c: Connection, message: Message) -> tuple[Message, int | None] | None:
+    """*message* as the view gets it, and its number (dwebsocket.v1); ``None`` if it is not for the view."""
+    session = c._session
+    return (message, None) if session is None else session.inbound(message, c._transport)
 
 
 def _copy(c: Connection, number: int | None) -> bool:

@@ -15,12 +15,12 @@ import pytest
 import redis
 from django.test import override_settings
 
-from dwebsocket.groups.brokers.redis import RedisBroker, decode
+from dwebsocket.groups.brokers.redis import decode
 from dwebsocket.groups.history import Position, Recovery
-from dwebsocket.groups.registry import Registry
 from dwebsocket.messages import Frame
 
 from ..servers import RedisServer, start_redis
+from .test_redis_broker import Process as BrokerProcess
 
 
 class Member:
@@ -46,21 +46,15 @@ class Member:
             return list(self.got)
 
 
-class Process:
-    """One process's side of the broker: its registry and its broker."""
+class Process(BrokerProcess):
+    """One process's side of the broker (test_redis_broker's), whose joins wait until they are live."""
 
     def __init__(self, url: str) -> None:
+        super().__init__(url)
         self.url = url
-        self.registry = Registry()
-        self.broker = RedisBroker(url, self.registry)
 
-    def join(self, group: str, member: Member) -> Member:
-        with self.registry.lock:
-            added, first = self.registry.add(group, member)  # type: ignore[arg-type]
-            if first:
-                self.broker.subscribe(group)
-            self.broker.add_member(group, member)  # type: ignore[arg-type]
-        self.broker.flush(5.0)
+    def join(self, group: str, member: Member) -> Member:  # type: ignore[override]
+        super().join(group, member)  # type: ignore[arg-type]
         wait_until(lambda: group in self.broker._live, what="the subscription")
         return member
 

@@ -306,3 +306,167 @@ def start_redis() -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+def _redis_process(args: list[str], cwd: Path) -> subprocess.Popen:
+    """One redis-server (or sentinel) under ``timeout``, in a process group of its own."""
+    return subprocess.Popen(
+        ["timeout", "-k", "5", str(MAX_SECONDS), "redis-server", *args],
+        cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def _redis_cli(port: int, *args: str, timeout: float = 10) -> str:
+    """What ``redis-cli -p PORT ARGS`` printed ("" if it failed)."""
+    try:
+        done = subprocess.run(
+            ["redis-cli", "-h", "127.0.0.1", "-p", str(port), *args],
+            capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired:
+        return ""
+    return done.stdout
+
+
+def _kill(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGCONT)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@dataclass
+class RedisCluster:
+    """A Redis Cluster of ``len(ports) // (replicas + 1)`` masters, each with *replicas* replicas, on loopback."""
+
+    ports: list[int]
+    processes: list[subprocess.Popen]
+    directory: Path
+
+    @property
+    def url(self) -> str:
+        """The ``redis+cluster://`` URL that names it (two nodes: either finds the rest)."""
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports[:2])
+
+    def stop(self) -> None:
+        for process in self.processes:
+            _kill(process)
+
+
+@contextmanager
+def start_redis_cluster(masters: int = 3, replicas: int = 1) -> Iterator[RedisCluster]:
+    """Start a cluster with ``redis-cli --cluster create``; wait for ``cluster_state:ok`` everywhere; stop it on exit.
+
+    Each node has its own directory (nodes.conf) and an explicit cluster bus
+    port (``--cluster-port``), both free loopback ports.
+    """
+    directory = Path(tempfile.mkdtemp(prefix="dws-cluster-"))
+    count = masters * (replicas + 1)
+    ports = [free_port() for _ in range(count)]
+    cluster = RedisCluster(ports, [], directory)
+    try:
+        for port in ports:
+            node = directory / str(port)
+            node.mkdir()
+            cluster.processes.append(_redis_process([
+                "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+                "--cluster-port", str(free_port()), "--cluster-config-file", str(node / "nodes.conf"),
+                "--cluster-node-timeout", "2000", "--save", "", "--appendonly", "no",
+            ], node))
+        deadline = time.monotonic() + 20
+        for port in ports:
+            while "PONG" not in _redis_cli(port, "PING", timeout=2):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("redis-server did not start in cluster mode (is the Debian package installed?)")
+                time.sleep(0.05)
+        created = subprocess.run(
+            ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
+             "--cluster-replicas", str(replicas), "--cluster-yes"],
+            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+        )
+        if created.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed:\n{created.stdout}{created.stderr}")
+        deadline = time.monotonic() + 30
+        while not all("cluster_state:ok" in _redis_cli(p, "CLUSTER", "INFO", timeout=2) for p in ports):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the cluster did not reach cluster_state:ok within 30 s")
+            time.sleep(0.1)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@dataclass
+class RedisSentinels:
+    """One master, its replica and three sentinels watching it as service ``svc``, on loopback."""
+
+    master_port: int
+    replica_port: int
+    sentinel_ports: list[int]
+    servers: dict[int, subprocess.Popen]  # port -> its redis-server
+    sentinels: list[subprocess.Popen]
+
+    @property
+    def url(self) -> str:
+        return "redis+sentinel://" + ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports) + "/svc"
+
+    def master(self) -> int:
+        """The port of the master the sentinels name now."""
+        for port in self.sentinel_ports:
+            answer = _redis_cli(port, "SENTINEL", "get-master-addr-by-name", "svc", timeout=2).split()
+            if len(answer) == 2:
+                return int(answer[1])
+        raise RuntimeError("no sentinel names a master")
+
+    def kill(self, port: int) -> None:
+        """SIGKILL the redis-server on *port*, by its PID (a crash: no goodbye to anyone)."""
+        _kill(self.servers[port])
+
+    def stop(self) -> None:
+        for process in [*self.servers.values(), *self.sentinels]:
+            _kill(process)
+
+
+@contextmanager
+def start_redis_sentinels() -> Iterator[RedisSentinels]:
+    """Start the master, the replica and 3 sentinels (quorum 2, down after 1 s); stop all on exit."""
+    directory = Path(tempfile.mkdtemp(prefix="dws-sentinel-"))
+    master, replica = free_port(), free_port()
+    sentinel_ports = [free_port() for _ in range(3)]
+    found = RedisSentinels(master, replica, sentinel_ports, {}, [])
+    base = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    try:
+        found.servers[master] = _redis_process(["--port", str(master), *base], directory)
+        found.servers[replica] = _redis_process(
+            ["--port", str(replica), "--replicaof", "127.0.0.1", str(master), *base], directory
+        )
+        deadline = time.monotonic() + 20
+        while "master_link_status:up" not in _redis_cli(replica, "INFO", "replication", timeout=2):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the replica did not sync with the master within 20 s")
+            time.sleep(0.1)
+        for port in sentinel_ports:
+            conf = directory / f"sentinel-{port}.conf"
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\n"
+                f"sentinel monitor svc 127.0.0.1 {master} 2\n"
+                "sentinel down-after-milliseconds svc 1000\n"
+                "sentinel failover-timeout svc 5000\n"
+                "sentinel parallel-syncs svc 1\n"
+            )
+            found.sentinels.append(_redis_process([str(conf), "--sentinel"], directory))
+        deadline = time.monotonic() + 20
+        # Ready once every sentinel knows the replica and the other two sentinels.
+        while not all(
+            "num-other-sentinels" in (info := _redis_cli(p, "SENTINEL", "master", "svc", timeout=2))
+            and info.split("num-other-sentinels\n", 1)[1].split("\n", 1)[0].strip() == "2"
+            and info.split("num-slaves\n", 1)[1].split("\n", 1)[0].strip() == "1"
+            for p in sentinel_ports
+        ):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the sentinels did not find each other and the replica within 20 s")
+            time.sleep(0.2)
+        yield found
+    finally:
+        found.stop()

@@ -96,6 +96,8 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error | Warni
                 id="dwebsocket.E004",
             )
         )
+    elif broker != "memory":
+        errors.extend(_check_redis_url(broker))
 
     origins = conf.get("WEBSOCKET_ALLOWED_ORIGINS")
     if origins is not None and (
@@ -143,16 +145,49 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error | Warni
     return errors
 
 
+def _check_redis_url(url: str) -> list[Error]:
+    """A malformed cluster or sentinel URL (E009), or a cluster URL with a redis-py too old for it (E010)."""
+    from . import _redis
+
+    try:
+        target = _redis.parse(url)
+    except _redis.RedisURLError as exc:
+        return [Error(
+            f"WEBSOCKET_BROKER: {exc}",
+            hint='See docs/deployment.md, e.g. "redis+cluster://10.0.0.1:7000,10.0.0.2:7000" or '
+                 '"redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/mymaster".',
+            id="dwebsocket.E009",
+        )]
+    if target.kind == "cluster" and not _redis.sharded_pubsub_supported():
+        import redis
+
+        return [Error(
+            f"WEBSOCKET_BROKER names a Redis Cluster, and the installed redis-py {redis.__version__} "
+            "has no sharded pub/sub (SSUBSCRIBE), which broadcasts on a cluster use.",
+            hint="Install redis>=5.0 (pip install -U redis).",
+            id="dwebsocket.E010",
+        )]
+    return []
+
+
 @register(deploy=True)
 def check_broker_reachable(app_configs: Any = None, **kwargs: Any) -> list[Error]:
     """``manage.py check --deploy``: the Redis broker answers."""
     url = conf.get("WEBSOCKET_BROKER")
     if not conf.is_redis_url(url):
         return []
-    import redis
+    from . import _redis
 
     try:
-        redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2).ping()
+        found = _redis._make(url, 2.0, 2.0)
+        try:
+            found.ping()
+            if _redis.is_cluster(url):
+                version = str(found.info("server", target_nodes=found.get_random_node())["redis_version"])
+                if int(version.split(".")[0]) < 7:
+                    raise RuntimeError(f"it runs Redis {version}; sharded pub/sub needs Redis 7 or later")
+        finally:
+            found.close()
     except Exception as exc:
         return [
             Error(

@@ -55,7 +55,10 @@ DEFAULTS: dict[str, Any] = {
     # Offer permessage-deflate compression to clients that ask for it.
     "WEBSOCKET_COMPRESSION": True,
     # Where groups live: "memory" (this process) or a Redis URL such as
-    # "redis://127.0.0.1:6379/0" (every process and host sharing that Redis).
+    # "redis://127.0.0.1:6379/0" (every process and host sharing that Redis),
+    # "redis+sentinel://host:26379,host2:26379/mymaster" (the master that
+    # those sentinels name) or "redis+cluster://host:7000,host2:7000" (a Redis
+    # Cluster); see docs/deployment.md. Long-polling keeps its sessions there too.
     "WEBSOCKET_BROKER": "memory",
     # Broadcast messages waiting to be written to one client. A client that
     # falls this far behind is handled by WEBSOCKET_BROADCAST_OVERFLOW.
@@ -84,4 +87,7 @@ def get(name: str) -> Any:
 
 def is_redis_url(url: object) -> bool:
     """Whether *url* (a WEBSOCKET_BROKER value) names a Redis server."""
-    return isinstance(url, str) and url.startswith(("redis://", "rediss://", "unix://"))
+    return isinstance(url, str) and url.startswith((
+        "redis://", "rediss://", "unix://",
+        "redis+cluster://", "rediss+cluster://", "redis+sentinel://", "rediss+sentinel://",
+    ))

@@ -67,12 +67,30 @@ _REFRESH = 10.0
 _SKIP_FOR = 60.0  # seconds a broadcast whose PUBLISH failed may still come back from Redis
 
 
-def _channel(group: str) -> str:
-    return f"{_PREFIX}group:{group}"
+def _channel(group: str, cluster: bool = False) -> str:
+    """The group's channel; on a cluster a shard channel in the slot of the group's keys."""
+    return f"{_PREFIX}{{{group}}}:group" if cluster else f"{_PREFIX}group:{group}"
 
 
-def _presence_key(group: str) -> str:
-    return f"{_PREFIX}presence:{group}"
+def _group_of(channel: str, cluster: bool) -> str:
+    """The group whose :func:`_channel` *channel* is."""
+    if cluster:
+        return channel[len(_PREFIX) + 1:-len("}:group")]
+    return channel[len(_PREFIX) + len("group:"):]
+
+
+def _presence_key(group: str, cluster: bool = False) -> str:
+    """The group's presence set; on a cluster in the slot of the group's other keys."""
+    return f"{_PREFIX}{{{group}}}:presence" if cluster else f"{_PREFIX}presence:{group}"
+
+
+def _failed(exc: redis.ResponseError) -> bool:
+    """Whether an error answer means Redis cannot serve now (a demoted master, a cluster failing
+    over), rather than a refusal of this command: then the breaker opens."""
+    return isinstance(exc, (
+        redis.exceptions.ReadOnlyError, redis.exceptions.ClusterError, redis.exceptions.TryAgainError,
+        redis.exceptions.MasterDownError,
+    ))
 
 
 def _meta_key(group: str) -> str:
@@ -118,6 +136,18 @@ redis.call('PEXPIRE', KEYS[2], ARGV[3])
 local receivers = redis.call('PUBLISH', ARGV[5],
   ARGV[6] .. string.len(epoch) .. ':' .. epoch .. string.len(seq) .. ':' .. seq .. ARGV[7])
 return {epoch, tonumber(seq), receivers}
+"""
+# The same on a Redis Cluster: the channel is a shard channel with the keys' hash tag.
+_PUBLISH_SHARDED = _PUBLISH.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',")
+assert _PUBLISH_SHARDED != _PUBLISH
+
+# KEYS: meta, history. ARGV: 1 the first stream id wanted. Returns {epoch or
+# false, seq or false, the entries from that id on, TIME}: the one snapshot
+# of since() on a cluster, whose pipelines redis-py (before 6) cannot run in
+# MULTI.
+_SINCE = """
+local found = redis.call('HMGET', KEYS[1], 'e', 's')
+return {found[1], found[2], redis.call('XRANGE', KEYS[2], ARGV[1], '+'), redis.call('TIME')}
 """
 
 # KEYS: meta, history. ARGV: 1 an epoch to start if the group has none, 2 the
@@ -319,6 +349,8 @@ class RedisBroker:
     def __init__(self, url: str, registry: Registry) -> None:
         self._url = url
         self._registry = registry
+        #: A Redis Cluster: sharded pub/sub, and every key of a group under its hash tag.
+        self._cluster = _redis.is_cluster(url)
         #: This broker's id in the broadcasts it publishes.
         self._origin = uuid.uuid4().hex
         # Blocking pools: a burst of broadcasts from many threads waits for a
@@ -329,8 +361,9 @@ class RedisBroker:
         self._lock = threading.Lock()
         self._order = threading.Lock()
         # Scripts are per Redis server: redis-py loads them again after a restart (NOSCRIPT).
-        self._publish_script = self._publisher.register_script(_PUBLISH)
+        self._publish_script = self._publisher.register_script(_PUBLISH_SHARDED if self._cluster else _PUBLISH)
         self._position_script = self._reader.register_script(_POSITION)
+        self._since_script = self._reader.register_script(_SINCE)
         self._wanted: set[str] = set()
         self._presence: dict[str, dict[str, str]] = {}  # group -> member id -> entry
         self._changes: list[tuple[bool, str, str]] = []  # (joined?, group, entry), in order
@@ -351,7 +384,7 @@ class RedisBroker:
         self._applied = threading.Condition(self._lock)
         try:
             self._reader.ping()
-        except redis.RedisError as exc:
+        except _redis.ERRORS as exc:
             self._reachable = False
             logger.error(
                 "dwebsocket: cannot reach Redis at WEBSOCKET_BROKER = %r (%s). Start Redis "
@@ -395,10 +428,10 @@ class RedisBroker:
             self._registry.deliver(group, message, exclude)
         number = next(self._count)
         try:
-            receivers = self._publisher.publish(
-                _channel(group), encode(message, exclude, self._origin, not live, number)
+            receivers = _redis.publish(
+                self._publisher, _channel(group, self._cluster), encode(message, exclude, self._origin, not live, number)
             )
-        except redis.RedisError as exc:
+        except _redis.ERRORS as exc:
             if live:
                 self._skip_later(number)
                 self._registry.deliver(group, message, exclude)  # local delivery goes on
@@ -421,28 +454,36 @@ class RedisBroker:
             epoch, seq, receivers = self._publish_script(
                 keys=[_meta_key(group), _history_key(group)],
                 args=[
-                    new_epoch(), size, max(1, round(ttl * 1000)), META_TTL, _channel(group), head, payload,
+                    new_epoch(), size, max(1, round(ttl * 1000)), META_TTL, _channel(group, self._cluster), head, payload,
                     "t" if isinstance(message, str) else "b", exclude or "",
                 ],
             )
         except redis.ResponseError as exc:  # Redis answered, but would not run it (its data, its version)
+            if _failed(exc):
+                return self._publish_failed(group, message, exclude, live, number, exc)
             logger.warning(
                 "dwebsocket: could not keep a broadcast to group %r in its history (%s); "
                 "publishing it without a position.", group, exc,
             )
             return self._publish(group, message, exclude, live)
-        except redis.RedisError as exc:
-            if live:
-                self._skip_later(number)
-            self._registry.deliver(group, message, exclude)  # local delivery goes on, without a position
-            self._outage(exc)
-            return False
+        except _redis.ERRORS as exc:
+            return self._publish_failed(group, message, exclude, live, number, exc)
         position = _position(group, epoch, seq)
         if not live or not receivers:
             # Our listener does not get it back: not subscribed (yet), or it
             # lost its subscription (Redis restarted) and does not know yet.
             self._registry.deliver(group, message, exclude, position)
         return True
+
+    def _publish_failed(
+        self, group: str, message: Message, exclude: str | None, live: bool, number: int, exc: Exception
+    ) -> bool:
+        """The publish script failed: deliver here, without a position, and open the breaker."""
+        if live:
+            self._skip_later(number)
+        self._registry.deliver(group, message, exclude)  # local delivery goes on, without a position
+        self._outage(exc)
+        return False
 
     def _skip_later(self, number: int) -> None:
         """Our listener must not deliver our broadcast *number* if Redis ran it after all."""
@@ -462,9 +503,12 @@ class RedisBroker:
             )
             return _position(group, epoch, seq)
         except redis.ResponseError as exc:
+            if _failed(exc):
+                self._outage(exc)
+                return None
             logger.warning("dwebsocket: could not read the position of group %r (%s)", group, exc)
             return None
-        except redis.RedisError as exc:
+        except _redis.ERRORS as exc:
             self._outage(exc)
             return None
 
@@ -474,15 +518,25 @@ class RedisBroker:
         if settings is None or not self._is_reachable():
             return None
         try:
-            pipe = self._reader.pipeline(transaction=True)  # one snapshot of the counter and the stream
-            pipe.hmget(_meta_key(group), "e", "s")
-            pipe.xrange(_history_key(group), f"{position.seq + 1}-0", "+")
-            pipe.time()
-            (epoch, seq), found, (seconds, micros) = pipe.execute()
+            if self._cluster:
+                epoch, seq, raw, (seconds, micros) = self._since_script(
+                    keys=[_meta_key(group), _history_key(group)], args=[f"{position.seq + 1}-0"]
+                )
+                found = [(entry_id, dict(zip(fields[::2], fields[1::2]))) for entry_id, fields in raw]
+                epoch, seq = epoch or None, seq or None  # a missing field comes out of Lua as false
+            else:
+                pipe = self._reader.pipeline(transaction=True)  # one snapshot of the counter and the stream
+                pipe.hmget(_meta_key(group), "e", "s")
+                pipe.xrange(_history_key(group), f"{position.seq + 1}-0", "+")
+                pipe.time()
+                (epoch, seq), found, (seconds, micros) = pipe.execute()
         except redis.ResponseError as exc:
+            if _failed(exc):
+                self._outage(exc)
+                return None
             logger.warning("dwebsocket: could not read the history of group %r (%s)", group, exc)
             return None
-        except redis.RedisError as exc:
+        except _redis.ERRORS as exc:
             self._outage(exc)
             return None
         if epoch is None:  # no counter: the history is lost; start a new one
@@ -551,13 +605,13 @@ class RedisBroker:
         self.flush(2.0)  # this process's own joins and leaves count at once
         if not self._is_reachable():
             return len(self._registry.local(group))
-        key = _presence_key(group)
+        key = _presence_key(group, self._cluster)
         try:
-            pipe = self._reader.pipeline()
+            pipe = self._reader.pipeline()  # one key: one slot on a cluster too
             pipe.zremrangebyscore(key, "-inf", time.time())
             pipe.zcard(key)
             return int(pipe.execute()[1])
-        except redis.RedisError as exc:
+        except _redis.ERRORS as exc:
             self._outage(exc)
             return len(self._registry.local(group))
 
@@ -567,8 +621,8 @@ class RedisBroker:
         if not self._is_reachable():
             return self._registry.members(group)
         try:
-            entries = self._reader.zrangebyscore(_presence_key(group), time.time(), "+inf")
-        except redis.RedisError as exc:
+            entries = self._reader.zrangebyscore(_presence_key(group, self._cluster), time.time(), "+inf")
+        except _redis.ERRORS as exc:
             self._outage(exc)
             return self._registry.members(group)
         members = []
@@ -577,7 +631,9 @@ class RedisBroker:
                 entry = json.loads(raw)  # type: ignore[arg-type]
                 members.append(Member(str(entry["id"]), entry.get("user")))
             except (ValueError, TypeError, KeyError):
-                logger.warning("dwebsocket: skipped a malformed presence entry in %s", _presence_key(group))
+                logger.warning(
+                    "dwebsocket: skipped a malformed presence entry in %s", _presence_key(group, self._cluster)
+                )
         return members
 
     def record_read(self, client: str, number: int) -> None:
@@ -595,7 +651,7 @@ class RedisBroker:
             return pending
         try:
             value = self._reader.get(_read_key(client))
-        except redis.RedisError as exc:
+        except _redis.ERRORS as exc:
             self._outage(exc)
             return pending
         try:
@@ -611,12 +667,12 @@ class RedisBroker:
         if not reads:
             return
         expiry = max(int(reads_ttl()), 1)
-        pipe = self._redis.pipeline(transaction=False)
+        pipe = self._redis.pipeline(transaction=False)  # on a cluster, redis-py splits it by slot
         for client, number in reads.items():
             pipe.set(_read_key(client), number, ex=expiry)
         try:
             pipe.execute()
-        except redis.RedisError:
+        except _redis.ERRORS:
             with self._lock:  # again after reconnecting, unless a later mark came meanwhile
                 for client, number in reads.items():
                     if number > self._reads.get(client, 0):
@@ -658,12 +714,12 @@ class RedisBroker:
     def _listen(self) -> None:
         backoff = _Backoff()
         while not self._stopped.is_set():
-            pubsub = self._redis.pubsub()  # it sees subscription confirmations: see _handle
+            pubsub = _redis.Subscriber(self._redis)  # it sees subscription confirmations: see _handle
             try:
                 self._serve(pubsub, backoff)
             except _Tripped:
-                pass  # reconnect at once; the probe decides whether Redis is back
-            except (redis.RedisError, OSError) as exc:
+                pass  # reconnect at once (and subscribe again); the probe decides whether Redis is back
+            except _redis.LISTENER_ERRORS as exc:
                 self._outage(exc)
                 self._stopped.wait(backoff.next())
             except Exception:  # a bug: logged, and the listener goes on
@@ -677,7 +733,7 @@ class RedisBroker:
                 except Exception:
                     pass
 
-    def _serve(self, pubsub: redis.client.PubSub, backoff: _Backoff) -> None:
+    def _serve(self, pubsub: _redis.Subscriber, backoff: _Backoff) -> None:
         """Run until Redis fails, a caller trips the breaker, or the broker stops."""
         self._reader.ping()  # a real round trip before anyone is told Redis is back
         self._write_presence(refresh=True)  # after a (re)connection, all of it again
@@ -699,9 +755,9 @@ class RedisBroker:
             for group in wanted ^ subscribed:
                 pending[group] = pending.get(group, 0) + 1
             if wanted - subscribed:
-                pubsub.subscribe(*(_channel(g) for g in wanted - subscribed))
+                pubsub.subscribe(*(_channel(g, self._cluster) for g in wanted - subscribed))
             if subscribed - wanted:
-                pubsub.unsubscribe(*(_channel(g) for g in subscribed - wanted))
+                pubsub.unsubscribe(*(_channel(g, self._cluster) for g in subscribed - wanted))
             subscribed = wanted
             self._write_presence(refresh=time.monotonic() >= next_refresh)
             self._write_reads()
@@ -714,18 +770,20 @@ class RedisBroker:
             if not subscribed and not pending:
                 self._wake.wait(0.5)
                 continue
-            message = pubsub.get_message(timeout=0.2)
-            while message is not None:
+            for message in pubsub.messages(0.2):
                 self._handle(message, subscribed, pending)
-                message = pubsub.get_message(timeout=0)
 
     def _handle(self, message: dict[str, Any], subscribed: set[str], pending: dict[str, int]) -> None:
         """One message of the pub/sub connection: a (un)subscription confirmed, or a broadcast."""
         kind, channel = message.get("type"), message.get("channel")
         if not isinstance(channel, bytes):
             return
-        group = channel.decode("utf-8", "replace")[len(_PREFIX) + len("group:"):]
+        group = _group_of(channel.decode("utf-8", "replace"), self._cluster)
         if kind in ("subscribe", "unsubscribe"):
+            if group not in pending and group in subscribed:
+                # Nobody asked: a cluster moved the channel's slot (a failover,
+                # resharding) and dropped the subscription. Start again.
+                raise _Tripped
             left = pending.get(group, 1) - 1
             if left > 0:
                 pending[group] = left
@@ -772,7 +830,7 @@ class RedisBroker:
         expiry = time.time() + _TTL
         pipe = self._redis.pipeline(transaction=False)
         for joined, group, entry in changes:
-            key = _presence_key(group)
+            key = _presence_key(group, self._cluster)
             if joined:
                 pipe.zadd(key, {entry: expiry})
                 pipe.expire(key, int(_TTL * 2))
@@ -780,7 +838,7 @@ class RedisBroker:
                 pipe.zrem(key, entry)
         try:
             pipe.execute()
-        except redis.RedisError:
+        except _redis.ERRORS:
             with self._lock:
                 # Again after reconnecting (the refresh then brings back every join).
                 self._changes[:0] = [c for c in changes if not c[0]]

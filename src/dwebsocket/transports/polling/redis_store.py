@@ -11,6 +11,11 @@ the session (its *owner*); polls, sends and closes may reach any process::
     dwebsocket:poll:<sid>:seen    the time of the last poll                (polls write, the owner reads)
     dwebsocket:poll-owner:<id>    pub/sub: "session S has input"           (senders publish, the owner listens)
 
+On a Redis Cluster (``redis+cluster://``) each session's keys carry the hash
+tag ``{<sid>}`` (``dwebsocket:poll:{<sid>}:out``...), so a session lives on
+one shard, and the owner's channel is a shard channel
+(``dwebsocket:poll-owner:{<id>}``, ``SPUBLISH``/``SSUBSCRIBE``).
+
 Items are those of :mod:`.wire` (a message, or the close, last). ``:out``
 follows the slow-client policy of every transport
 (:func:`~dwebsocket.transports.policy.offer_verdict`, by
@@ -76,7 +81,7 @@ def _unavailable(method: _F) -> _F:
         async def awrapper(*args: Any, **kwargs: Any) -> Any:
             try:
                 return await method(*args, **kwargs)
-            except redis.RedisError as exc:
+            except _redis.ERRORS as exc:
                 raise StoreUnavailable(f"Redis did not answer ({exc})") from exc
 
         return cast(_F, awrapper)
@@ -85,7 +90,7 @@ def _unavailable(method: _F) -> _F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return method(*args, **kwargs)
-        except redis.RedisError as exc:
+        except _redis.ERRORS as exc:
             raise StoreUnavailable(f"Redis did not answer ({exc})") from exc
 
     return cast(_F, wrapper)
@@ -100,13 +105,15 @@ class _Keys(NamedTuple):
     seen: str
 
 
-def _keys(sid: str) -> _Keys:
-    base = f"{_redis.PREFIX}poll:{sid}"
+def _keys(sid: str, cluster: bool = False) -> _Keys:
+    """The keys of session *sid*; on a Redis Cluster all under the hash tag ``{<sid>}``, on one shard."""
+    base = f"{_redis.PREFIX}poll:{{{sid}}}" if cluster else f"{_redis.PREFIX}poll:{sid}"
     return _Keys(base, base + ":out", base + ":in", base + ":seen")
 
 
-def _owner_channel(owner: str) -> str:
-    return f"{_redis.PREFIX}poll-owner:{owner}"
+def _owner_channel(owner: str, cluster: bool = False) -> str:
+    """The owner's channel: a shard channel on a Redis Cluster (``SPUBLISH``, ``SSUBSCRIBE``)."""
+    return f"{_redis.PREFIX}poll-owner:{{{owner}}}" if cluster else f"{_redis.PREFIX}poll-owner:{owner}"
 
 
 def _text(value: object) -> str:
@@ -148,6 +155,7 @@ class RedisStore:
 
     def __init__(self, url: str) -> None:
         self._url = url
+        self._cluster = _redis.is_cluster(url)
         self._redis = _redis.client(url)
         self._owner = uuid.uuid4().hex
         self._lock = threading.Lock()
@@ -173,7 +181,7 @@ class RedisStore:
 
     def _create(self, pipe: redis.client.Pipeline | redis.asyncio.client.Pipeline, view: ViewEnd) -> None:
         """Queue on *pipe* the writes that make *view*'s session findable."""
-        keys = _keys(view.sid)
+        keys = _keys(view.sid, self._cluster)
         pipe.hset(keys.base, "owner", self._owner)
         if view.binding is not None:  # no field at all: no cookie ("" is a cookie too)
             pipe.hset(keys.base, "binding", view.binding)
@@ -185,14 +193,14 @@ class RedisStore:
     def find(self, sid: str) -> ClientEnd | None:
         if not sid:
             return None
-        binding, owner = self._redis.hmget(_keys(sid).base, ["binding", "owner"])
+        binding, owner = self._redis.hmget(_keys(sid, self._cluster).base, ["binding", "owner"])
         return self._found(sid, binding, owner)
 
     @_unavailable
     async def afind(self, sid: str) -> ClientEnd | None:
         if not sid:
             return None
-        binding, owner = await _redis.aclient(self._url, 0).hmget(_keys(sid).base, ["binding", "owner"])
+        binding, owner = await _redis.aclient(self._url, 0).hmget(_keys(sid, self._cluster).base, ["binding", "owner"])
         return self._found(sid, binding, owner)
 
     def _found(self, sid: str, binding: object, owner: object) -> ClientEnd | None:
@@ -217,7 +225,7 @@ class RedisStore:
             with self._lock:
                 self._owned.pop(sid, None)
             pipe = self._redis.pipeline()
-            for name in _keys(sid):
+            for name in _keys(sid, self._cluster):
                 pipe.expire(name, _grace())
             pipe.execute()
 
@@ -230,14 +238,14 @@ class RedisStore:
                 return
             pipe = self._redis.pipeline(transaction=False)
             for sid in sids:
-                pipe.expire(_keys(sid).base, _OWNER_TTL)
+                pipe.expire(_keys(sid, self._cluster).base, _OWNER_TTL)  # split by slot on a cluster
             pipe.execute()
 
     def _listen(self) -> None:
         while True:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = _redis.Subscriber(self._redis)
             try:
-                pubsub.subscribe(_owner_channel(self._owner))
+                pubsub.subscribe(_owner_channel(self._owner, self._cluster))
                 self._heartbeat()  # at once: an outage may have left the hashes near their end
                 if self._lost:
                     self._redis.ping()  # a real round trip before the log says so
@@ -245,9 +253,9 @@ class RedisStore:
                     logger.warning("dwebsocket: polling sessions: Redis is back.")
                 next_heartbeat = time.monotonic() + _HEARTBEAT
                 while True:
-                    message = pubsub.get_message(timeout=1.0)
-                    if message is not None and message.get("type") == "message":
-                        self._drain(_text(message["data"]))
+                    for message in pubsub.messages(1.0):
+                        if message.get("type") == "message":
+                            self._drain(_text(message["data"]))
                     with self._lock:
                         backlog, self._backlog = self._backlog, set()
                     for sid in backlog:
@@ -256,7 +264,7 @@ class RedisStore:
                         next_heartbeat = time.monotonic() + _HEARTBEAT
                         self._heartbeat()
                     self._expire()
-            except redis.RedisError as exc:
+            except _redis.ERRORS as exc:
                 if not self._lost:  # one line per outage, not one per attempt
                     self._lost = True
                     logger.warning(
@@ -280,7 +288,7 @@ class RedisStore:
         if owned is None:
             return
         view = owned[0]
-        inbound = _keys(sid).inbound
+        inbound = _keys(sid, self._cluster).inbound
         raw = _items(self._redis.lpop(inbound, _BATCH))
         for index, data in enumerate(raw):
             try:
@@ -309,7 +317,7 @@ class RedisStore:
         grace = conf.get("WEBSOCKET_POLL_EXPIRY") + conf.get("WEBSOCKET_POLL_TIMEOUT")
         pipe = self._redis.pipeline()
         for view, _outbound in owned:
-            keys = _keys(view.sid)
+            keys = _keys(view.sid, self._cluster)
             pipe.get(keys.seen)
             pipe.llen(keys.out)
         answers = pipe.execute()
@@ -343,7 +351,7 @@ class _RedisOutbound:
         self._redis = _redis.client(url)
         self._finished = finished  # tells the store the view is done
         self._sid = sid
-        self._keys = _keys(sid)
+        self._keys = _keys(sid, _redis.is_cluster(url))
         self._limits = limits
         self._lock = threading.Lock()
         self._closed = False
@@ -423,7 +431,7 @@ class _RemoteSession:
     def __init__(self, url: str, sid: str, binding: str | None, owner: str) -> None:
         self._url = url
         self._redis = _redis.client(url)
-        self._keys = _keys(sid)
+        self._keys = _keys(sid, _redis.is_cluster(url))
         self._sid = sid
         self._owner = owner
         self.binding = binding
@@ -481,5 +489,5 @@ class _RemoteSession:
         pipe = self._redis.pipeline()
         pipe.rpush(self._keys.inbound, *items)
         pipe.expire(self._keys.inbound, _TTL)
-        pipe.publish(_owner_channel(self._owner), self._sid)
+        _redis.publish(pipe, _owner_channel(self._owner, _redis.is_cluster(self._url)), self._sid)
         pipe.execute()

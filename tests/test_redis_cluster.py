@@ -1,0 +1,284 @@
+"""dwebsocket on a Redis Cluster and on a Sentinel set: the real things, on loopback ports.
+
+A 3-master + 3-replica cluster (``redis-cli --cluster create``) serves two
+server processes (gunicorn gthread and uvicorn) for the whole module: groups
+on each shard, history, presence and long-polling through it. A master, its
+replica and three sentinels serve two more: the master is killed mid-stream,
+and the broker, presence and polling sessions follow the new master.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+import redis.cluster
+
+from .client import ws_connect
+from .servers import (
+    RedisCluster, RedisSentinels, RunningServer, start_redis_cluster, start_redis_sentinels, start_server,
+)
+from .test_delivery import SessionClient, http_broadcast
+from .test_groups import joined, presence, wait_for
+from .test_polling import PollClient
+
+SITE = "https://trusted.example"  # an origin both processes trust (CSRF_TRUSTED_ORIGINS)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisCluster]:
+    with start_redis_cluster(masters=3, replicas=1) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def cluster_client(cluster: RedisCluster) -> Iterator[redis.cluster.RedisCluster]:
+    """The test's own view of the cluster: where keys live, what they hold."""
+    client = redis.cluster.RedisCluster(host="127.0.0.1", port=cluster.ports[0])
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def on_cluster(cluster: RedisCluster) -> Iterator[tuple[RunningServer, RunningServer]]:
+    env = {"DWS_TEST_BROKER": cluster.url, "DWS_TEST_POLL_TIMEOUT": "1"}
+    with start_server("gthread", env=env) as first, start_server("uvicorn", env=env) as second:
+        yield first, second
+
+
+def groups_on_every_master(client: redis.cluster.RedisCluster, stem: str) -> dict[str, str]:
+    """One group per master (group -> that master's name), by the slot of the group's hash tag."""
+    found: dict[str, str] = {}
+    for n in range(1000):
+        group = f"{stem}{n}"
+        node = client.get_node_from_key(f"dwebsocket:{{{group}}}:history").name
+        if node not in found.values():
+            found[group] = node
+        if len(found) == len(client.get_primaries()):
+            return found
+    raise AssertionError("no group name found for some master")
+
+
+def test_broadcasts_cross_processes_in_order_on_every_shard_with_presence(
+    on_cluster: tuple[RunningServer, RunningServer], cluster_client: redis.cluster.RedisCluster,
+) -> None:
+    first, second = on_cluster
+    groups = groups_on_every_master(cluster_client, "shard")
+    assert len(groups) == 3
+    with contextlib.ExitStack() as stack:
+        members = {}
+        for group in groups:
+            sender = stack.enter_context(ws_connect(first, f"/group/{group}/"))
+            on_first = stack.enter_context(ws_connect(first, f"/group/{group}/"))
+            on_second = stack.enter_context(ws_connect(second, f"/async-group/{group}/"))
+            for client in (sender, on_first, on_second):
+                joined(client)
+            members[group] = (sender, on_first, on_second)
+        for group in groups:
+            # Presence through the cluster: each process counts the other's members.
+            wait_for(lambda: presence(second, group)["size"] == 3, what=f"3 members of {group}")
+            assert presence(first, group)["size"] == 3
+            node = cluster_client.get_node_from_key(f"dwebsocket:{{{group}}}:presence")
+            assert node.name == groups[group]  # the group's keys share one shard
+            assert cluster_client.zcard(f"dwebsocket:{{{group}}}:presence") == 3
+        for n in range(30):
+            for group in groups:
+                members[group][0].send(f"{group} m{n}")
+        for group, (sender, *receivers) in members.items():
+            for receiver in receivers:
+                assert [receiver.recv(timeout=10) for _ in range(30)] == [f"{group} m{n}" for n in range(30)]
+                with pytest.raises(TimeoutError):
+                    receiver.recv(timeout=0.2)  # exactly once, and nothing of the other groups
+            # Each group's history on its own master, in one slot with its counter.
+            assert cluster_client.xlen(f"dwebsocket:{{{group}}}:history") == 30
+            assert cluster_client.hget(f"dwebsocket:{{{group}}}:meta", "s") == b"30"
+        members[next(iter(groups))][2].close()
+        group = next(iter(groups))
+        wait_for(lambda: presence(first, group)["size"] == 2, what="a member leaving")
+    for server in (first, second):
+        assert "Traceback" not in server.log_text()
+
+
+def test_history_recovers_across_processes_through_the_cluster(
+    on_cluster: tuple[RunningServer, RunningServer],
+) -> None:
+    first, second = on_cluster
+    member = SessionClient(first, "/group/hist/").connect()
+    member.until_joined("hist")
+    assert member.recv()[1].startswith("joined ")
+    with ws_connect(second, "/async-group/hist/") as talker:
+        assert talker.recv(10).startswith("joined ")
+        talker.send("live")
+        assert member.recv()[1] == "live"
+        member.close()
+        for index in range(5):
+            talker.send(f"away {index}")
+        http_broadcast(first, "hist", 2, "http")
+        member.server = second
+        member.connect()
+        missed, confirmation = member.until_joined("hist")
+        got = [p for _, p in missed]
+        assert [p for p in got if p.startswith("away")] == [f"away {i}" for i in range(5)]
+        assert [p for p in got if p.startswith("http")] == ["http 0", "http 1"] and len(got) == 7
+        assert confirmation["r"] is True
+    member.close()
+
+
+def test_long_polling_sessions_live_in_the_cluster(
+    on_cluster: tuple[RunningServer, RunningServer], cluster_client: redis.cluster.RedisCluster,
+) -> None:
+    first, second = on_cluster
+    client = PollClient(first, f"/echo/?id={uuid.uuid4().hex}", origin=SITE)
+    assert client.open()[0] == 200
+    base = f"dwebsocket:poll:{{{client.sid}}}"
+    assert cluster_client.hget(base, "owner") is not None  # under its own hash tag
+    for n in range(4):
+        client.server = (first, second)[n % 2]
+        assert client.send(f"message {n}") == 204
+        client.server = (second, first)[n % 2]
+        assert client.receive(1) == [f"message {n}"]
+    assert client.close() == 204
+    # A polling member and a WebSocket member of one group, one per process.
+    with ws_connect(first, "/group/mixed/") as ws:
+        assert ws.recv(timeout=5).startswith("joined ")
+        poller = PollClient(second, "/group/mixed/", origin=SITE)
+        assert poller.open()[0] == 200
+        assert poller.receive(1)[0].startswith("joined ")
+        poller.server = first
+        assert poller.send("from polling") == 204
+        assert ws.recv(timeout=10) == "from polling"
+        ws.send("from websocket")
+        poller.server = second
+        assert poller.receive(1) == ["from websocket"]
+        poller.close()
+
+
+# -- Sentinel: the master killed mid-stream ---------------------------------------------
+
+
+def poll_once(client: PollClient, within: float = 15.0) -> list[object]:
+    """What the first poll that brings anything brings, within *within* seconds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        messages, close = client.poll()
+        assert close is None, close
+        if messages:
+            return messages
+    raise AssertionError(f"nothing came within {within} s")
+
+
+def test_sentinel_failover_mid_stream() -> None:
+    """Broadcasts resume within 10 s of the master's death; history gives back what it kept."""
+    with start_redis_sentinels() as sentinels:
+        env = {"DWS_TEST_BROKER": sentinels.url, "DWS_TEST_POLL_TIMEOUT": "1"}
+        with start_server("gthread", env=env) as first, start_server("uvicorn", env=env) as second:
+            check_failover(sentinels, first, second)
+
+
+def check_failover(sentinels: RedisSentinels, first: RunningServer, second: RunningServer) -> None:
+    member = SessionClient(second, "/group/fo/").connect()  # live all along
+    member.until_joined("fo")
+    assert member.recv()[1].startswith("joined ")
+    away = SessionClient(second, "/group/fo/").connect()  # away across the failover, then back
+    away.until_joined("fo")
+    assert away.recv()[1].startswith("joined ")
+    wait_for(lambda: presence(first, "fo")["size"] == 2, what="the members in Redis")
+    poller = PollClient(first, f"/echo/?id={uuid.uuid4().hex}", origin=SITE)
+    assert poller.open()[0] == 200
+
+    sent: list[tuple[float, int]] = []  # (when, number), appended by the broadcaster thread only
+    stop = threading.Event()
+
+    def broadcaster() -> None:  # one broadcast every 50 ms from the first process, over HTTP
+        number = 0
+        while not stop.is_set():
+            started = time.monotonic()
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(f"{first.http}/broadcast/fo/?m=b{number}", timeout=10) as answer:
+                    if answer.status == 200:
+                        sent.append((started, number))
+            number += 1
+            stop.wait(0.05)
+
+    def number_of(payload: str) -> int:
+        return int(payload.split()[0][1:])
+
+    thread = threading.Thread(target=broadcaster)
+    thread.start()
+    live: dict[int, float] = {}  # number -> when the live member got it
+    resumed_at = stop_after = None
+    try:
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:  # a steady stream first
+            live[number_of(member.recv(timeout=5)[1])] = time.monotonic()
+        away.close()
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            live[number_of(member.recv(timeout=5)[1])] = time.monotonic()
+        epoch = member.positions["fo"].split(":")[0]
+        old = sentinels.master()
+        killed_at = time.monotonic()
+        sentinels.kill(old)
+        deadline = killed_at + 20
+        while time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                number = number_of(member.recv(timeout=1)[1])
+                live[number] = time.monotonic()
+                sent_at = dict((n, t) for t, n in sent).get(number, killed_at)
+                if resumed_at is None and sent_at > killed_at + 0.2:
+                    resumed_at = live[number]
+                    stop_after = resumed_at + 1.0  # one more second of live traffic
+            if stop_after is not None and time.monotonic() > stop_after:
+                break
+    finally:
+        stop.set()
+        thread.join(15)
+    assert resumed_at is not None, "broadcasts did not resume within 20 s"
+    new = sentinels.master()
+    assert new != old, "the sentinels did not fail over"
+    print(f"\nfailover: broadcasts resumed {resumed_at - killed_at:.1f} s after the kill")
+    assert resumed_at - killed_at < 10.0
+    with contextlib.suppress(TimeoutError):  # the last ones in flight
+        while True:
+            live[number_of(member.recv(timeout=1)[1])] = time.monotonic()
+    numbers = [n for _, n in sent]
+    missed_live = [n for n in numbers if n not in live]
+    print(f"failover: {len(numbers)} broadcasts, {len(missed_live)} missed by the live member: {missed_live}")
+    before = [n for t, n in sent if t < killed_at - 0.5]  # replicated long before the kill
+    after = [n for t, n in sent if t > resumed_at]
+    assert set(before) | set(after) <= set(live)  # everything outside the window reached it live
+
+    # Presence came back: the listeners wrote it again, to the new master.
+    wait_for(lambda: presence(first, "fo")["size"] == 1, timeout=15, what="presence after the failover")
+    # The polling session came back: the new master had it from the replica's copy.
+    poller.server = second
+    assert poller.send("after failover") == 204
+    poller.server = first
+    assert poll_once(poller) == ["after failover"]
+    poller.close()
+
+    # A dwebsocket.v1 client away across the failover gets back what the
+    # group's history kept: the same history (epoch) on the new master.
+    away.connect()
+    missed, confirmation = away.until_joined("fo")
+    recovered = [number_of(p) for _, p in missed]
+    assert recovered == sorted(set(recovered)), "out of order, or twice"
+    assert confirmation["p"].split(":")[0] == epoch, "the history did not survive the failover"
+    seen_before = max(n for n in live if live[n] < killed_at - 1.0) if live else -1
+    assert {n for n in before if n > seen_before + 30} <= set(recovered)
+    assert set(after) <= set(recovered)
+    window = [n for n in numbers if n not in recovered and n > min(recovered, default=0)]
+    print(f"failover: the returning client recovered {len(recovered)} from history; "
+          f"{len(window)} never reached Redis (published during the window, delivered by their "
+          f"process only): {window}")
+    assert set(window) <= set(missed_live)
+    away.close()
+    member.close()
+    for server in (first, second):
+        assert "Traceback" not in server.log_text()

@@ -16,10 +16,13 @@
 #                                               # until the last is whole again, lost and duplicated (0 and 0)
 #   scripts/bench.sh storm --configs all        # adds gunicorn gthread and the history-off contrasts
 #   scripts/bench.sh storm --members 50 --steady 1 --after 1 --drain 1   # a smoke run
+#   scripts/bench.sh shards                     # python -m bench.shards: broadcast throughput across 2 processes
+#                                               # on a 1-shard vs a 3-shard Redis Cluster (needs redis-cli)
+#   scripts/bench.sh shards --groups 10 --messages 20 --rounds 1   # a smoke run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/_python.sh
-name=${1:?which benchmark: fanout, echo, idle, soak or storm}
+name=${1:?which benchmark: fanout, echo, idle, soak, storm or shards}
 shift
 if ! command -v redis-server >/dev/null 2>&1; then
   [ "$(id -u)" = 0 ] && apt-get update -q >/dev/null && apt-get install -y -q redis-server >/dev/null

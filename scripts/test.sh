@@ -14,11 +14,14 @@ cd "$(dirname "$0")/.."
 
 MATRIX=${DWS_MATRIX:-"4.2:3.10 5.2:3.11 6.0:3.13"}
 
-# Debian packages the tests start: redis-server (the Redis broker's tests) and
+# Debian packages the tests start: redis-server (the Redis broker's tests; 7.0
+# or later for the Redis Cluster tests' sharded pub/sub), redis-cli (from
+# redis-tools: it creates the test cluster) and
 # chromium (the browser tests, driven by Playwright; its own browser download
 # is not used).
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then

@@ -358,6 +358,9 @@ class RedisCluster:
 def start_redis_cluster(masters: int = 3, replicas: int = 1) -> Iterator[RedisCluster]:
     """Start a cluster with ``redis-cli --cluster create``; wait for ``cluster_state:ok`` everywhere; stop it on exit.
 
+    One master alone (the shard-scaling benchmark's baseline) takes every
+    slot with ``CLUSTER ADDSLOTSRANGE``.
+
     Each node has its own directory (nodes.conf) and an explicit cluster bus
     port (``--cluster-port``), both free loopback ports.
     """
@@ -380,13 +383,19 @@ def start_redis_cluster(masters: int = 3, replicas: int = 1) -> Iterator[RedisCl
                 if time.monotonic() > deadline:
                     raise RuntimeError("redis-server did not start in cluster mode (is the Debian package installed?)")
                 time.sleep(0.05)
-        created = subprocess.run(
-            ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
-             "--cluster-replicas", str(replicas), "--cluster-yes"],
-            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
-        )
-        if created.returncode != 0:
-            raise RuntimeError(f"redis-cli --cluster create failed:\n{created.stdout}{created.stderr}")
+        if masters >= 3:
+            created = subprocess.run(
+                ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
+                 "--cluster-replicas", str(replicas), "--cluster-yes"],
+                capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+            )
+            if created.returncode != 0:
+                raise RuntimeError(f"redis-cli --cluster create failed:\n{created.stdout}{created.stderr}")
+        elif masters == 1 and replicas == 0:  # --cluster create wants 3 masters: one node takes every slot
+            if "OK" not in _redis_cli(ports[0], "CLUSTER", "ADDSLOTSRANGE", "0", "16383"):
+                raise RuntimeError("CLUSTER ADDSLOTSRANGE failed on the one node")
+        else:
+            raise ValueError("a cluster of 3 masters or more, or of 1 master without replicas")
         deadline = time.monotonic() + 30
         while not all("cluster_state:ok" in _redis_cli(p, "CLUSTER", "INFO", timeout=2) for p in ports):
             if time.monotonic() > deadline:

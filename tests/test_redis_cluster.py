@@ -10,6 +10,7 @@ and the broker, presence and polling sessions follow the new master.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import threading
 import time
 import urllib.request
@@ -103,6 +104,20 @@ def test_broadcasts_cross_processes_in_order_on_every_shard_with_presence(
         wait_for(lambda: presence(first, group)["size"] == 2, what="a member leaving")
     for server in (first, second):
         assert "Traceback" not in server.log_text()
+
+
+def test_a_group_with_braces_in_its_name_keeps_its_keys_on_one_shard(
+    on_cluster: tuple[RunningServer, RunningServer], cluster_client: redis.cluster.RedisCluster,
+) -> None:
+    first, second = on_cluster
+    with ws_connect(first, "/group/a%7Bb%7Dc/") as sender, ws_connect(second, "/group/a%7Bb%7Dc/") as receiver:
+        joined(sender)
+        joined(receiver)
+        wait_for(lambda: presence(first, "a{b}c")["size"] == 2, what="2 members")
+        sender.send("braced")
+        assert receiver.recv(timeout=10) == "braced"
+    tag = "#" + hashlib.sha256(b"a{b}c").hexdigest()
+    assert cluster_client.xlen(f"dwebsocket:{{{tag}}}:history") == 1  # kept: the script ran on one shard
 
 
 def test_history_recovers_across_processes_through_the_cluster(

@@ -9,7 +9,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.test import override_settings
 
 from dwebsocket import _redis
-from dwebsocket.groups.brokers.redis import _channel, _group_of, _presence_key
+from dwebsocket.groups.brokers.redis import _channel, _history_key, _meta_key, _presence_key
 from dwebsocket.transports.polling.redis_store import _keys, _owner_channel
 
 
@@ -94,14 +94,14 @@ def test_clients_of_each_kind_are_made_without_connecting():
 def test_a_group_s_keys_and_channel_share_one_hash_tag_on_a_cluster():
     from redis.crc import key_slot
 
-    for group in ("chat", "a{b}c", "room:1", "ünï"):
-        slots = {key_slot(k.encode()) for k in (
-            _channel(group, True), _presence_key(group, True),
-            f"dwebsocket:{{{group}}}:meta", f"dwebsocket:{{{group}}}:history",
-        )}
-        assert len(slots) == 1, group
-        assert _group_of(_channel(group, True), True) == group
-        assert _group_of(_channel(group), False) == group
+    names = ("chat", "a{b}c", "}x", "{", "#", "room:1", "ünï")
+    for group in names:
+        keys = (_channel(group, True), _presence_key(group, True), _meta_key(group, True), _history_key(group, True))
+        assert len({key_slot(k.encode()) for k in keys}) == 1, group
+    # Each group its own keys, a brace in its name or not.
+    assert len({_meta_key(g, True) for g in names}) == len(names)
+    assert _meta_key("chat", True) == "dwebsocket:{chat}:meta" == _meta_key("chat")
+    assert _meta_key("}x") == "dwebsocket:{}x}:meta"  # one Redis: today's names
     # One Redis keeps today's names, so processes of the last release still talk with these.
     assert _channel("chat") == "dwebsocket:group:chat" and _presence_key("chat") == "dwebsocket:presence:chat"
     session = _keys("abc", True)

@@ -39,6 +39,7 @@ hand subscription and presence changes to the listener under ``_lock``.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -67,21 +68,25 @@ _REFRESH = 10.0
 _SKIP_FOR = 60.0  # seconds a broadcast whose PUBLISH failed may still come back from Redis
 
 
+def _tag(group: str, cluster: bool) -> str:
+    """What goes between the braces of the group's keys: its name, or on a cluster, for a
+    name with a brace in it (which would cut the hash tag short), ``#`` and its SHA-256.
+
+    (Names starting with ``#`` are hashed too, so that no name can be another's digest.)
+    """
+    if cluster and ("{" in group or "}" in group or group.startswith("#")):
+        return "#" + hashlib.sha256(group.encode("utf-8")).hexdigest()
+    return group
+
+
 def _channel(group: str, cluster: bool = False) -> str:
     """The group's channel; on a cluster a shard channel in the slot of the group's keys."""
-    return f"{_PREFIX}{{{group}}}:group" if cluster else f"{_PREFIX}group:{group}"
-
-
-def _group_of(channel: str, cluster: bool) -> str:
-    """The group whose :func:`_channel` *channel* is."""
-    if cluster:
-        return channel[len(_PREFIX) + 1:-len("}:group")]
-    return channel[len(_PREFIX) + len("group:"):]
+    return f"{_PREFIX}{{{_tag(group, True)}}}:group" if cluster else f"{_PREFIX}group:{group}"
 
 
 def _presence_key(group: str, cluster: bool = False) -> str:
     """The group's presence set; on a cluster in the slot of the group's other keys."""
-    return f"{_PREFIX}{{{group}}}:presence" if cluster else f"{_PREFIX}presence:{group}"
+    return f"{_PREFIX}{{{_tag(group, True)}}}:presence" if cluster else f"{_PREFIX}presence:{group}"
 
 
 def _failed(exc: redis.ResponseError) -> bool:
@@ -93,12 +98,12 @@ def _failed(exc: redis.ResponseError) -> bool:
     ))
 
 
-def _meta_key(group: str) -> str:
-    return f"{_PREFIX}{{{group}}}:meta"
+def _meta_key(group: str, cluster: bool = False) -> str:
+    return f"{_PREFIX}{{{_tag(group, cluster)}}}:meta"
 
 
-def _history_key(group: str) -> str:
-    return f"{_PREFIX}{{{group}}}:history"
+def _history_key(group: str, cluster: bool = False) -> str:
+    return f"{_PREFIX}{{{_tag(group, cluster)}}}:history"
 
 
 def _read_key(client: str) -> str:
@@ -429,7 +434,8 @@ class RedisBroker:
         number = next(self._count)
         try:
             receivers = _redis.publish(
-                self._publisher, _channel(group, self._cluster), encode(message, exclude, self._origin, not live, number)
+                self._publisher, _channel(group, self._cluster),
+                encode(message, exclude, self._origin, not live, number),
             )
         except _redis.ERRORS as exc:
             if live:
@@ -452,7 +458,7 @@ class RedisBroker:
         head, payload = _head(message, exclude, self._origin, not live, number, True)
         try:
             epoch, seq, receivers = self._publish_script(
-                keys=[_meta_key(group), _history_key(group)],
+                keys=[_meta_key(group, self._cluster), _history_key(group, self._cluster)],
                 args=[
                     new_epoch(), size, max(1, round(ttl * 1000)), META_TTL, _channel(group, self._cluster), head, payload,
                     "t" if isinstance(message, str) else "b", exclude or "",
@@ -499,7 +505,8 @@ class RedisBroker:
             return None
         try:
             epoch, seq = self._position_script(
-                keys=[_meta_key(group), _history_key(group)], args=[new_epoch(), META_TTL], client=self._reader
+                keys=[_meta_key(group, self._cluster), _history_key(group, self._cluster)],
+                args=[new_epoch(), META_TTL], client=self._reader,
             )
             return _position(group, epoch, seq)
         except redis.ResponseError as exc:
@@ -520,14 +527,15 @@ class RedisBroker:
         try:
             if self._cluster:
                 epoch, seq, raw, (seconds, micros) = self._since_script(
-                    keys=[_meta_key(group), _history_key(group)], args=[f"{position.seq + 1}-0"]
+                    keys=[_meta_key(group, self._cluster), _history_key(group, self._cluster)],
+                    args=[f"{position.seq + 1}-0"],
                 )
                 found = [(entry_id, dict(zip(fields[::2], fields[1::2]))) for entry_id, fields in raw]
                 epoch, seq = epoch or None, seq or None  # a missing field comes out of Lua as false
             else:
                 pipe = self._reader.pipeline(transaction=True)  # one snapshot of the counter and the stream
-                pipe.hmget(_meta_key(group), "e", "s")
-                pipe.xrange(_history_key(group), f"{position.seq + 1}-0", "+")
+                pipe.hmget(_meta_key(group, self._cluster), "e", "s")
+                pipe.xrange(_history_key(group, self._cluster), f"{position.seq + 1}-0", "+")
                 pipe.time()
                 (epoch, seq), found, (seconds, micros) = pipe.execute()
         except redis.ResponseError as exc:
@@ -744,6 +752,8 @@ class RedisBroker:
         # once none is pending and it is still asked for).
         subscribed: set[str] = set()
         pending: dict[str, int] = {}
+        channels: dict[str, str] = {}  # channel -> its group, for every group asked for
+
         next_refresh = time.monotonic() + _REFRESH
         while not self._stopped.is_set():
             with self._lock:
@@ -754,6 +764,7 @@ class RedisBroker:
                 self._live -= subscribed - wanted  # publishers deliver locally from now on
             for group in wanted ^ subscribed:
                 pending[group] = pending.get(group, 0) + 1
+            channels.update((_channel(g, self._cluster), g) for g in wanted - subscribed)
             if wanted - subscribed:
                 pubsub.subscribe(*(_channel(g, self._cluster) for g in wanted - subscribed))
             if subscribed - wanted:
@@ -771,14 +782,18 @@ class RedisBroker:
                 self._wake.wait(0.5)
                 continue
             for message in pubsub.messages(0.2):
-                self._handle(message, subscribed, pending)
+                self._handle(message, subscribed, pending, channels)
 
-    def _handle(self, message: dict[str, Any], subscribed: set[str], pending: dict[str, int]) -> None:
+    def _handle(
+        self, message: dict[str, Any], subscribed: set[str], pending: dict[str, int], channels: dict[str, str]
+    ) -> None:
         """One message of the pub/sub connection: a (un)subscription confirmed, or a broadcast."""
         kind, channel = message.get("type"), message.get("channel")
         if not isinstance(channel, bytes):
             return
-        group = _group_of(channel.decode("utf-8", "replace"), self._cluster)
+        group = channels.get(channel.decode("utf-8", "replace"))
+        if group is None:
+            return  # not one this connection asked for
         if kind in ("subscribe", "unsubscribe"):
             if group not in pending and group in subscribed:
                 # Nobody asked: a cluster moved the channel's slot (a failover,

@@ -120,6 +120,20 @@ def test_a_group_with_braces_in_its_name_keeps_its_keys_on_one_shard(
     assert cluster_client.xlen(f"dwebsocket:{{{tag}}}:history") == 1  # kept: the script ran on one shard
 
 
+def test_check_deploy_reaches_the_cluster_and_names_one_it_cannot(cluster: RedisCluster) -> None:
+    from django.core.checks import run_checks
+    from django.test import override_settings
+
+    def deploy_errors() -> list[str]:
+        return [m.msg for m in run_checks(include_deployment_checks=True) if m.id == "dwebsocket.E005"]
+
+    with override_settings(WEBSOCKET_BROKER=cluster.url):
+        assert deploy_errors() == []
+    url = "redis+cluster://127.0.0.1:1"  # nothing listens there
+    with override_settings(WEBSOCKET_BROKER=url):
+        assert [m for m in deploy_errors() if url in m] != []
+
+
 def test_history_recovers_across_processes_through_the_cluster(
     on_cluster: tuple[RunningServer, RunningServer],
 ) -> None:

@@ -349,6 +349,10 @@ class RedisCluster:
         """The ``redis+cluster://`` URL that names it (two nodes: either finds the rest)."""
         return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports[:2])
 
+    def kill(self, port: int) -> None:
+        """SIGKILL the node on *port*, by its PID: its replica takes over after the node timeout (2 s)."""
+        _kill(self.processes[self.ports.index(port)])
+
     def stop(self) -> None:
         for process in self.processes:
             _kill(process)
@@ -375,7 +379,8 @@ def start_redis_cluster(masters: int = 3, replicas: int = 1) -> Iterator[RedisCl
             cluster.processes.append(_redis_process([
                 "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
                 "--cluster-port", str(free_port()), "--cluster-config-file", str(node / "nodes.conf"),
-                "--cluster-node-timeout", "2000", "--save", "", "--appendonly", "no",
+                "--cluster-node-timeout", "2000", "--cluster-replica-validity-factor", "0",
+                "--save", "", "--appendonly", "no",
             ], node))
         deadline = time.monotonic() + 20
         for port in ports:
@@ -400,6 +405,15 @@ def start_redis_cluster(masters: int = 3, replicas: int = 1) -> Iterator[RedisCl
         while not all("cluster_state:ok" in _redis_cli(p, "CLUSTER", "INFO", timeout=2) for p in ports):
             if time.monotonic() > deadline:
                 raise RuntimeError("the cluster did not reach cluster_state:ok within 30 s")
+            time.sleep(0.1)
+        # Each replica synced with its master (else it could not take over from it).
+        while not all(
+            "role:master" in (info := _redis_cli(p, "INFO", "replication", timeout=2))
+            or "master_link_status:up" in info
+            for p in ports
+        ):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the cluster's replicas did not sync within 30 s")
             time.sleep(0.1)
         yield cluster
     finally:

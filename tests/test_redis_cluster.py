@@ -171,21 +171,51 @@ def test_long_polling_sessions_live_in_the_cluster(
         client.server = (first, second)[n % 2]
         assert client.send(f"message {n}") == 204
         client.server = (second, first)[n % 2]
-        assert client.receive(1) == [f"message {n}"]
+        assert poll_once(client) == [f"message {n}"]
     assert client.close() == 204
     # A polling member and a WebSocket member of one group, one per process.
     with ws_connect(first, "/group/mixed/") as ws:
         assert ws.recv(timeout=5).startswith("joined ")
         poller = PollClient(second, "/group/mixed/", origin=SITE)
         assert poller.open()[0] == 200
-        assert poller.receive(1)[0].startswith("joined ")
+        assert poll_once(poller)[0].startswith("joined ")
         poller.server = first
         assert poller.send("from polling") == 204
         assert ws.recv(timeout=10) == "from polling"
         ws.send("from websocket")
         poller.server = second
-        assert poller.receive(1) == ["from websocket"]
+        assert poll_once(poller) == ["from websocket"]
         poller.close()
+
+
+def test_a_cluster_master_killed_its_groups_resume_on_the_promoted_replica() -> None:
+    with start_redis_cluster(masters=3, replicas=1) as cluster:
+        env = {"DWS_TEST_BROKER": cluster.url}
+        client = redis.cluster.RedisCluster(host="127.0.0.1", port=cluster.ports[0])
+        try:
+            group = "failing"
+            node = client.get_node_from_key(f"dwebsocket:{{{group}}}:group")
+        finally:
+            client.close()
+        with start_server("gthread", env=env) as first, start_server("uvicorn", env=env) as second, \
+                ws_connect(second, f"/group/{group}/") as member:
+            joined(member)
+            wait_for(lambda: presence(first, group)["size"] == 1, what="the member in the cluster")
+            http_broadcast(first, group, 1, "before")
+            assert member.recv(timeout=10) == "before 0"
+            cluster.kill(node.port)
+            killed_at = time.monotonic()
+            got = None
+            while got is None:
+                assert time.monotonic() < killed_at + 20, "broadcasts did not resume within 20 s"
+                http_broadcast(first, group, 1, "after")
+                with contextlib.suppress(TimeoutError):
+                    got = member.recv(timeout=0.5)
+            print(f"\ncluster failover: broadcasts resumed {time.monotonic() - killed_at:.1f} s after the kill")
+            assert got == "after 0"
+            wait_for(lambda: presence(first, group)["size"] == 1, timeout=15, what="presence after the failover")
+            for server in (first, second):
+                assert "Traceback" not in server.log_text()
 
 
 # -- Sentinel: the master killed mid-stream ---------------------------------------------

@@ -45,7 +45,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 __all__ = [
     "ERRORS", "LISTENER_ERRORS", "PREFIX", "RedisURLError", "Subscriber", "Target", "aclient", "blocking_client", "client", "is_cluster",
-    "is_redis_url", "parse", "publish", "sharded_pubsub_supported",
+    "is_redis_url", "parse", "ping", "publish", "sharded_pubsub_supported",
 ]
 
 #: The start of every key and channel name dwebsocket uses in Redis.
@@ -313,6 +313,18 @@ class _LazyCluster:
             found.close()
 
 
+def ping(redis_client: Any) -> None:
+    """A real round trip, which raises if Redis cannot serve: on a cluster, to every master.
+
+    (redis-py's own PING on a cluster goes to every node, replicas and a dead
+    master still in its slot map included.)
+    """
+    if isinstance(redis_client, _LazyCluster):
+        redis_client.ping(target_nodes=redis.cluster.RedisCluster.PRIMARIES)
+    else:
+        redis_client.ping()
+
+
 def publish(target: Any, channel: str, data: bytes | str) -> Any:
     """``PUBLISH`` on one Redis, ``SPUBLISH`` on a cluster; *target* is a client or a pipeline."""
     if isinstance(target, (_LazyCluster, redis.cluster.RedisCluster, redis.cluster.ClusterPipeline)):
@@ -334,17 +346,27 @@ class Subscriber:
     Not thread-safe: it belongs to the thread that made it.
     """
 
-    def __init__(self, redis_client: Any) -> None:
+    def __init__(self, redis_client: Any, after_error: bool = False) -> None:
+        """*after_error*: it follows one that failed, and on a cluster reads the slot map again first."""
         self._client = redis_client
         self._cluster = isinstance(redis_client, (_LazyCluster, redis.cluster.RedisCluster))
         self._plain = None if self._cluster else redis_client.pubsub()
         self._nodes: dict[str, Any] = {}  # cluster: node name -> its PubSub
         self._node_of: dict[str, str] = {}  # cluster: channel -> the node name it was subscribed on
+        self._mapped = not after_error  # cluster: the slot map is to be trusted
 
     def subscribe(self, *channels: str) -> None:
         if self._plain is not None:
             self._plain.subscribe(*channels)
             return
+        if not self._mapped:
+            # This Subscriber follows one that failed: the cluster may have
+            # moved slots since (a failover), and only commands that fail
+            # refresh redis-py's map, never a pub/sub connection. Read it
+            # again. (Not otherwise: it replaces the nodes' clients, under
+            # the feet of the other threads that share this one.)
+            self._client.nodes_manager.initialize()
+            self._mapped = True
         for channel in channels:
             node = self._client.get_node_from_key(channel)
             pubsub = self._nodes.get(node.name)

@@ -721,10 +721,14 @@ class RedisBroker:
 
     def _listen(self) -> None:
         backoff = _Backoff()
+        failed = False  # the last connection ended in an error (a cluster's slots may have moved)
         while not self._stopped.is_set():
-            pubsub = _redis.Subscriber(self._redis)  # it sees subscription confirmations: see _handle
+            # It sees subscription confirmations: see _handle.
+            pubsub = _redis.Subscriber(self._redis, after_error=failed)
+            failed = True
             try:
                 self._serve(pubsub, backoff)
+                failed = False
             except _Tripped:
                 pass  # reconnect at once (and subscribe again); the probe decides whether Redis is back
             except _redis.LISTENER_ERRORS as exc:
@@ -743,7 +747,7 @@ class RedisBroker:
 
     def _serve(self, pubsub: _redis.Subscriber, backoff: _Backoff) -> None:
         """Run until Redis fails, a caller trips the breaker, or the broker stops."""
-        self._reader.ping()  # a real round trip before anyone is told Redis is back
+        _redis.ping(self._reader)  # a real round trip before anyone is told Redis is back
         self._write_presence(refresh=True)  # after a (re)connection, all of it again
         self._recovered()
         backoff.reset()

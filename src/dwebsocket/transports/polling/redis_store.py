@@ -243,12 +243,12 @@ class RedisStore:
 
     def _listen(self) -> None:
         while True:
-            pubsub = _redis.Subscriber(self._redis)
+            pubsub = _redis.Subscriber(self._redis, after_error=self._lost)
             try:
                 pubsub.subscribe(_owner_channel(self._owner, self._cluster))
                 self._heartbeat()  # at once: an outage may have left the hashes near their end
                 if self._lost:
-                    self._redis.ping()  # a real round trip before the log says so
+                    _redis.ping(self._redis)  # a real round trip before the log says so
                     self._lost = False
                     logger.warning("dwebsocket: polling sessions: Redis is back.")
                 next_heartbeat = time.monotonic() + _HEARTBEAT

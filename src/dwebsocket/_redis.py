@@ -1,9 +1,10 @@
 """The one Redis set-up of a process, shared by the broker and long-polling.
 
 Every Redis key and channel dwebsocket uses starts with :data:`PREFIX`.
-Clients come from blocking pools (a burst waits for a free connection
-instead of failing) with explicit timeouts, so no redis-py default decides
-how long a call may take: :func:`client` for quick commands, and
+Clients have explicit timeouts, so no redis-py default decides how long a
+call may take; for one Redis they come from blocking pools (a burst waits
+for a free connection instead of failing; redis-py's cluster and sentinel
+pools have no blocking kind, and are sized large instead): :func:`client` for quick commands, and
 :func:`blocking_client` for commands that wait on purpose (a long poll's
 ``BLPOP``), whose socket timeout is longer than the wait.
 

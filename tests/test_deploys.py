@@ -153,3 +153,20 @@ def test_daphne_cannot_send_1012_its_connections_drop_and_it_exits() -> None:
             print(f"daphne: server gone after {time.monotonic() - started:.2f} s")
         assert "Traceback" not in server.log_text()
 
+
+
+@pytest.mark.parametrize("kind", ["uwsgi-threads", "uwsgi-gevent"])
+def test_uwsgi_stops_its_workers_at_once_and_connections_drop(kind):
+    """uWSGI stops a worker with a signal handled in C (SIGINT from the master, on
+    SIGTERM with --die-on-term, SIGINT or SIGQUIT), which ends the process before
+    any Python code runs: no close frame (1006), and dwebsocket.js reconnects.
+    docs/servers/uwsgi.md says so; the server is gone within seconds."""
+    with start_server(kind, max_seconds=120) as server:
+        with ws_connect(server, "/deploy-echo/?id=sync") as ws:
+            ws.send("hello")
+            assert ws.recv(10) == "hello"
+            started = _stop_and_time(server, group=False)
+            assert _close_code(ws, BOUND) is None  # no close frame: 1006
+            server.process.wait(BOUND + 2)  # the master buries its worker after a second
+            print(f"{kind}: server gone after {time.monotonic() - started:.2f} s")
+        assert "Traceback" not in server.log_text()

@@ -71,7 +71,7 @@ def check_group_broadcast(server, view):
         wait_for(lambda: presence(server, group)["size"] == 2, what="a member leaving")
 
 
-@pytest.mark.parametrize("kind", ["gthread", "gevent", "uvicorn"])
+@pytest.mark.parametrize("kind", ["gthread", "gevent", "uwsgi-threads", "uwsgi-gevent", "uvicorn"])
 def test_a_burst_reaches_every_member_that_reads_in_order(kind):
     # 2000 broadcasts from one loop fill any queue faster than a client reads:
     # that is a burst, not a slow member, and nobody is cut for it.
@@ -112,7 +112,7 @@ def test_a_thread_broadcasting_while_the_event_loop_is_held_up_cuts_nobody(kind)
         assert "Traceback" not in running.log_text()
 
 
-@pytest.mark.parametrize("kind", ["gthread", "uvicorn"])
+@pytest.mark.parametrize("kind", ["gthread", "uwsgi-threads", "uvicorn"])
 def test_a_slow_member_does_not_slow_the_others(kind):
     group = "flood"
     with start_server(kind) as running, contextlib.ExitStack() as stack:
@@ -198,8 +198,10 @@ def two_servers(redis_server, kinds=("gthread", "uvicorn"), **env):
         yield first, second
 
 
-def test_broadcast_crosses_processes_exactly_once_in_order(redis_server):
-    with two_servers(redis_server) as (first, second), contextlib.ExitStack() as stack:
+@pytest.mark.parametrize("kinds", [("gthread", "uvicorn"), ("uwsgi-gevent", "uwsgi-threads")], ids="+".join)
+def test_broadcast_crosses_processes_exactly_once_in_order(redis_server, kinds):
+    # The second server runs async views (not under gevent: 501 there).
+    with two_servers(redis_server, kinds) as (first, second), contextlib.ExitStack() as stack:
         sender = stack.enter_context(ws_connect(first, "/group/lobby/"))
         on_first = stack.enter_context(ws_connect(first, "/group/lobby/"))
         on_second = [stack.enter_context(ws_connect(second, "/async-group/lobby/")) for _ in range(2)]

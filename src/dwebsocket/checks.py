@@ -35,17 +35,15 @@ def _number_or_none(name: str, *, allow_none: bool = True, integer: bool = False
     return []
 
 
-def _history_size() -> list[Error]:
-    """``WEBSOCKET_HISTORY_SIZE`` is a count that may be 0 (history off), unlike the other limits."""
-    value = conf.get("WEBSOCKET_HISTORY_SIZE")
+def _count_or_zero(name: str, zero: str) -> list[Error]:
+    """A count that may be 0 (*zero* says what 0 turns off), unlike the other limits:
+    ``WEBSOCKET_HISTORY_SIZE``, ``WEBSOCKET_OUTAGE_BUFFER``."""
+    value = conf.get(name)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         return [
             Error(
-                f"WEBSOCKET_HISTORY_SIZE must be a positive integer or 0 (history off); it is {value!r}.",
-                hint=(
-                    f"Set WEBSOCKET_HISTORY_SIZE = {conf.DEFAULTS['WEBSOCKET_HISTORY_SIZE']!r} (the default), "
-                    "or 0 to turn history and recovery off."
-                ),
+                f"{name} must be a positive integer or 0 ({zero} off); it is {value!r}.",
+                hint=f"Set {name} = {conf.DEFAULTS[name]!r} (the default), or 0 to turn {zero} off.",
                 id="dwebsocket.E001",
             )
         ]
@@ -67,7 +65,8 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error | Warni
     errors += _number_or_none("WEBSOCKET_BROADCAST_QUEUE", allow_none=False, integer=True)
     errors += _number_or_none("WEBSOCKET_POLL_TIMEOUT", allow_none=False)
     errors += _number_or_none("WEBSOCKET_POLL_EXPIRY", allow_none=False)
-    errors += _history_size()
+    errors += _count_or_zero("WEBSOCKET_HISTORY_SIZE", "history and recovery")
+    errors += _count_or_zero("WEBSOCKET_OUTAGE_BUFFER", "the outage outbox")
     errors += _number_or_none("WEBSOCKET_HISTORY_TTL", allow_none=False)
     try:
         parse_rate(conf.get("WEBSOCKET_RATE_LIMIT"))

@@ -72,6 +72,12 @@ DEFAULTS: dict[str, Any] = {
     "WEBSOCKET_HISTORY_SIZE": 100,
     # Seconds a group keeps each broadcast.
     "WEBSOCKET_HISTORY_TTL": 300.0,
+    # Redis broker: broadcasts one process keeps while Redis is unreachable
+    # (delivered to its own members at once), to publish them in order once
+    # Redis is back, so that the other processes and the group history get
+    # them too (each kept at most WEBSOCKET_HISTORY_TTL seconds; past the
+    # bound the oldest are dropped, counted and logged). 0: none kept.
+    "WEBSOCKET_OUTAGE_BUFFER": 1000,
     # Long-polling: seconds a poll waits for messages before it answers empty.
     "WEBSOCKET_POLL_TIMEOUT": 25.0,
     # Long-polling: seconds without a poll after which a session expires

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from django.test import override_settings
 
 from dwebsocket.groups.brokers.redis import RedisBroker
 from dwebsocket.groups.registry import Registry
@@ -105,6 +106,31 @@ def process(redis_server: RedisServer) -> Iterator[Process]:
     made.broker.stop()
 
 
+class Settings:
+    """Django settings changed for one test (``settings.NAME = value``), restored after it."""
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "_overrides", [])
+
+    def __setattr__(self, name: str, value: object) -> None:
+        override = override_settings(**{name: value})
+        override.enable()
+        self._overrides.append(override)
+
+    def restore(self) -> None:
+        for override in reversed(self._overrides):
+            override.disable()
+
+
+@pytest.fixture
+def settings() -> Iterator[Settings]:
+    changed = Settings()
+    try:
+        yield changed
+    finally:
+        changed.restore()
+
+
 def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -181,12 +207,83 @@ def test_after_an_outage_no_broadcast_is_lost_to_the_publishers_own_members(redi
                    what="both subscriptions again")
         process.broker.publish("live", "through Redis", None)
         assert local.wait_for(23)[-1] == "through Redis"
-        assert remote.wait_for(2)[-1] == "through Redis"
+        # What the outage kept reaches the other process too, late, in order, once, before the newer one.
+        assert remote.wait_for(23, timeout=20) == ["before", "during", *sent, "through Redis"]
+        remote.nothing_more(23)
         local.nothing_more(23)
     finally:
         other.broker.stop()
     assert logs.count("lost Redis") == 2  # one line per broker, not one per attempt
     assert logs.count("' is back.") == 2
+    assert logs.count("published 22 broadcast(s) kept while Redis was unreachable; dropped 0") == 1  # "through Redis" too: it came within _DRAIN_DELAY
+
+
+@pytest.mark.parametrize("history", [100, 0], ids=["history", "no-history"])
+def test_the_outbox_publishes_an_outage_late_in_order_and_its_bound_drops_the_oldest(
+    redis_server, process, logs, settings, history
+):
+    settings.WEBSOCKET_OUTAGE_BUFFER = 5
+    settings.WEBSOCKET_HISTORY_SIZE = history
+    local, remote = Member("local"), Member("remote")
+    process.join("box", local)
+    other = Process(redis_server.url)
+    try:
+        other.join("box", remote)
+        wait_until(lambda: subscribed(redis_server.url, "dwebsocket:group:box"), what="the subscriptions")
+        before = process.broker.position("box")
+        redis_server.stop()
+        sent = [f"during {n}" for n in range(8)]
+        for message in sent:
+            process.broker.publish("box", message, None)
+        assert local.wait_for(8) == sent  # at once, without Redis
+        redis_server.start()
+        # The other process gets the last 5 (the bound), late, in order, once; ours none again.
+        assert remote.wait_for(5, timeout=20) == sent[3:]
+        remote.nothing_more(5)
+        local.nothing_more(8)
+        wait_until(lambda: logs.count("kept while Redis was unreachable") == 1, what="the log line")
+        assert logs.count(
+            "published 5 broadcast(s) kept while Redis was unreachable; dropped 3 (WEBSOCKET_OUTAGE_BUFFER full)"
+        ) == 1
+        if history:  # each got a position: the group history gives them back
+            assert before is not None
+            current = process.broker.position("box")
+            assert current is not None and current.seq == 5  # Redis restarted empty: a new history
+            recovered = process.broker.since("box", type(current)(current.epoch, 0))
+            assert recovered is not None and recovered.complete
+            assert [e.message for e in recovered.entries] == sent[3:]
+            assert [e.position.seq for e in recovered.entries] == [1, 2, 3, 4, 5]
+        else:
+            assert process.broker.position("box") is None
+    finally:
+        other.broker.stop()
+
+
+def test_an_outbox_of_0_keeps_nothing_and_old_broadcasts_are_dropped(redis_server, process, logs, settings):
+    settings.WEBSOCKET_OUTAGE_BUFFER = 0
+    local, remote = Member("local"), Member("remote")
+    process.join("none", local)
+    other = Process(redis_server.url)
+    try:
+        other.join("none", remote)
+        wait_until(lambda: subscribed(redis_server.url, "dwebsocket:group:none"), what="the subscriptions")
+        redis_server.stop()
+        process.broker.publish("none", "lost", None)
+        assert local.wait_for(1) == ["lost"]
+        settings.WEBSOCKET_OUTAGE_BUFFER = 10
+        settings.WEBSOCKET_HISTORY_TTL = 1.0
+        process.broker.publish("none", "too old", None)
+        time.sleep(1.5)
+        process.broker.publish("none", "kept", None)  # keeping it drops the one older than the TTL
+        settings.WEBSOCKET_HISTORY_TTL = 60.0  # "kept" outlives the wait after Redis is back
+        redis_server.start()
+        assert remote.wait_for(1, timeout=20) == ["kept"]
+        remote.nothing_more(1, wait=1.0)
+        assert local.wait_for(3) == ["lost", "too old", "kept"]
+        assert logs.count("published 1 broadcast(s) kept while Redis was unreachable; dropped 0 "
+                          "(WEBSOCKET_OUTAGE_BUFFER full) and 1 (older than WEBSOCKET_HISTORY_TTL)") == 1
+    finally:
+        other.broker.stop()
 
 
 def test_redis_is_back_is_logged_only_after_it_answered(logs):

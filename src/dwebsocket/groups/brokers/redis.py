@@ -31,6 +31,19 @@ breaker, and until Redis answers the listener's probe again nobody calls it.
 No payload on a channel can end the listener: a malformed one is logged and
 skipped.
 
+**The outbox.** A broadcast that does not reach Redis (the breaker is open,
+or its publish failed) is delivered to this process's members at once and
+kept, oldest first, in a bounded outbox (``WEBSOCKET_OUTAGE_BUFFER``
+broadcasts, each at most ``WEBSOCKET_HISTORY_TTL`` seconds). Once Redis
+answers again the outbox is published in order, before any newer broadcast
+of this process, through the same script (so each gets a history position)
+and marked as delivered by its origin (this process's listener skips it; the
+other processes deliver it, late). It waits :data:`_DRAIN_DELAY` after Redis
+answers, so that the other processes' listeners, which reconnect within
+their own backoff, are subscribed again and get it; meanwhile newer
+broadcasts of this process join it (delivered here at once), to keep the
+order. What the bound drops is counted and logged once per outage.
+
 Threads: one listener thread owns the pub/sub connection: it subscribes,
 receives, writes presence, reconnects with backoff and probes Redis. Other
 threads publish and read presence through redis-py's connection pools, and
@@ -47,11 +60,12 @@ import random
 import threading
 import time
 import uuid
+from collections import deque
 from typing import Any, NamedTuple
 
 import redis
 
-from ... import _redis
+from ... import _redis, conf
 from ...connection import Link
 from ...messages import Message
 from ..history import META_TTL, Entry, Position, Recovery, configured, new_epoch, recovery
@@ -282,6 +296,20 @@ def _entry(epoch: str, entry_id: bytes, fields: dict[bytes, bytes]) -> tuple[int
     return int(fields[b"time"]), Entry(Position(epoch, int(seq)), message, exclude)
 
 
+class _Kept(NamedTuple):
+    """A broadcast of ours that did not reach Redis, delivered here already, waiting in the outbox."""
+
+    group: str
+    message: Message
+    exclude: str | None
+    kept_at: float  # time.monotonic() when it was kept
+
+
+def _outbox_limit() -> int:
+    """``WEBSOCKET_OUTAGE_BUFFER``: broadcasts the outbox holds at most (0: no outbox)."""
+    return max(int(conf.get("WEBSOCKET_OUTAGE_BUFFER") or 0), 0)
+
+
 class _Backoff:
     """Waits between reconnection attempts: 0.1 s doubling up to 5 s, never more.
 
@@ -302,6 +330,13 @@ class _Backoff:
         delay = self._step * (0.5 + random.random() / 2)
         self._step = min(self._step * 2, self.LAST)
         return delay
+
+
+#: Seconds after Redis answers again before the outbox is published: the
+#: other processes' listeners reconnect within their backoff's longest wait
+#: (plus a probe), and a broadcast published before they subscribe again
+#: reaches none of their members.
+_DRAIN_DELAY = _Backoff.LAST + 1.0
 
 
 class _Tripped(Exception):
@@ -345,10 +380,25 @@ class RedisBroker:
     ``_done`` (what the listener must do next, and how far it got),
     ``_reachable`` (the breaker: ``False`` while open), ``_live`` (the
     groups the listener's current connection is confirmed subscribed to) and
-    ``_skip`` (our broadcasts the listener must not deliver again) and
-    ``_reads`` (read marks the listener has yet to write, see ``groups.reads``).
+    ``_skip`` (our broadcasts the listener must not deliver again),
+    ``_reads`` (read marks the listener has yet to write, see ``groups.reads``)
+    and the outbox: ``_outbox``, ``_sending`` and its counts.
     ``_order`` guards no data: it orders deliveries, see above (lock order:
     ``_order``, then ``_lock``, then the registry's).
+
+    **The outbox** (see the module): appended to by any publisher that
+    failed to reach Redis, under ``_lock``; emptied by :meth:`_drain` only,
+    which holds ``_draining`` for the whole drain, so one thread at a time
+    publishes kept broadcasts, in order. The entry being published is
+    ``_sending`` (taken out of the outbox, put back first if its publish
+    fails). ``_drain_at`` (under ``_lock``) is when the outbox may be
+    published: :data:`_DRAIN_DELAY` after Redis answered again. A publisher
+    that finds Redis reachable with an outbox not empty (or an entry being
+    sent) keeps its broadcast too before then, and drains first after,
+    waiting on ``_draining``: so no newer broadcast of this process overtakes
+    a kept one. ``_draining`` is
+    taken holding no other lock (and ``_lock`` only briefly inside it). The
+    listener drains after each reconnection and on each turn.
     """
 
     def __init__(self, url: str, registry: Registry) -> None:
@@ -380,6 +430,14 @@ class RedisBroker:
         # members ourselves: Redis may run it all the same (a timeout does not
         # say), and then our listener must skip it. Number -> when, oldest first.
         self._skip: dict[int, float] = {}
+        # The outbox (see the class): oldest first, under _lock; drained under _draining.
+        self._outbox: deque[_Kept] = deque()
+        self._sending: _Kept | None = None
+        self._draining = threading.Lock()
+        self._drain_at = 0.0  # time.monotonic() from which the outbox may be published
+        self._republished = 0  # since the outbox was last empty: published late,
+        self._dropped_full = 0  # dropped for the bound,
+        self._dropped_old = 0  # dropped for their age
         self._stopped = threading.Event()
         self._wake = threading.Event()
         # Waited on through _applied: how many changes were asked for, and how
@@ -402,7 +460,14 @@ class RedisBroker:
     # -- called from any thread ---------------------------------------------
 
     def publish(self, group: str, message: Message, exclude: str | None) -> bool:
-        """Publish through Redis; ``False`` if only this process's members got it."""
+        """Publish through Redis; ``False`` if only this process's members got it (it is kept, see the class)."""
+        waiting = self._kept_waiting()
+        if waiting == "hold":  # older broadcasts of ours wait for the other processes: after them
+            self._registry.deliver(group, message, exclude)
+            self._keep(group, message, exclude)
+            return False
+        if waiting == "drain":
+            self._drain()  # our older broadcasts first
         settings = configured()
         with self._lock:
             reachable, live, wanted = self._reachable, group in self._live, group in self._wanted
@@ -417,6 +482,7 @@ class RedisBroker:
                 reachable, live, wanted = self._reachable, group in self._live, group in self._wanted
         if not reachable:  # the breaker is open: fail fast
             self._registry.deliver(group, message, exclude)
+            self._keep(group, message, exclude)
             return False
         if settings is None:
             return self._publish(group, message, exclude, live)
@@ -441,6 +507,7 @@ class RedisBroker:
             if live:
                 self._skip_later(number)
                 self._registry.deliver(group, message, exclude)  # local delivery goes on
+            self._keep(group, message, exclude)
             self._outage(exc)
             return False
         if live and not receivers:
@@ -453,17 +520,9 @@ class RedisBroker:
         self, group: str, message: Message, exclude: str | None, live: bool, settings: tuple[int, float]
     ) -> bool:
         """Publish with the group's next position, keeping the broadcast in its history (one script)."""
-        size, ttl = settings
         number = next(self._count)
-        head, payload = _head(message, exclude, self._origin, not live, number, True)
         try:
-            epoch, seq, receivers = self._publish_script(
-                keys=[_meta_key(group, self._cluster), _history_key(group, self._cluster)],
-                args=[
-                    new_epoch(), size, max(1, round(ttl * 1000)), META_TTL, _channel(group, self._cluster), head, payload,
-                    "t" if isinstance(message, str) else "b", exclude or "",
-                ],
-            )
+            epoch, seq, receivers = self._run_script(group, message, exclude, not live, number, settings)
         except redis.ResponseError as exc:  # Redis answered, but would not run it (its data, its version)
             if _failed(exc):
                 return self._publish_failed(group, message, exclude, live, number, exc)
@@ -488,8 +547,103 @@ class RedisBroker:
         if live:
             self._skip_later(number)
         self._registry.deliver(group, message, exclude)  # local delivery goes on, without a position
+        self._keep(group, message, exclude)
         self._outage(exc)
         return False
+
+    def _run_script(
+        self, group: str, message: Message, exclude: str | None, delivered: bool, number: int,
+        settings: tuple[int, float],
+    ) -> Any:
+        """Run the publish script for one broadcast: ``[epoch, seq, receivers]``; raises what redis-py raises."""
+        size, ttl = settings
+        head, payload = _head(message, exclude, self._origin, delivered, number, True)
+        return self._publish_script(
+            keys=[_meta_key(group, self._cluster), _history_key(group, self._cluster)],
+            args=[
+                new_epoch(), size, max(1, round(ttl * 1000)), META_TTL, _channel(group, self._cluster), head, payload,
+                "t" if isinstance(message, str) else "b", exclude or "",
+            ],
+        )
+
+    # -- the outbox ----------------------------------------------------------
+
+    def _keep(self, group: str, message: Message, exclude: str | None) -> None:
+        """Keep a broadcast that did not reach Redis (delivered here already) for :meth:`_drain`."""
+        limit = _outbox_limit()
+        if not limit:
+            return
+        with self._lock:
+            self._outbox.append(_Kept(group, message, exclude, time.monotonic()))
+            self._trim(limit)
+
+    def _trim(self, limit: int) -> None:
+        """Drop (and count) what is past the outbox's bound or age, oldest first; the caller holds ``_lock``."""
+        oldest = time.monotonic() - float(conf.get("WEBSOCKET_HISTORY_TTL"))
+        while len(self._outbox) > limit:
+            self._outbox.popleft()
+            self._dropped_full += 1
+        while self._outbox and self._outbox[0].kept_at < oldest:
+            self._outbox.popleft()
+            self._dropped_old += 1
+
+    def _kept_waiting(self) -> str:
+        """``"drain"`` if Redis is reachable and kept broadcasts wait to be published (or are being
+        published), ``"hold"`` if they wait for :data:`_DRAIN_DELAY`, else ``""``."""
+        with self._lock:
+            if not (self._reachable and (self._outbox or self._sending is not None)):
+                return ""
+            return "drain" if time.monotonic() >= self._drain_at else "hold"
+
+    def _drain(self) -> None:
+        """Publish the outbox, oldest first, until it is empty or Redis fails again (see the class)."""
+        with self._draining:
+            while True:
+                with self._lock:
+                    self._trim(_outbox_limit())
+                    if not self._reachable or not self._outbox or time.monotonic() < self._drain_at:
+                        break
+                    kept = self._sending = self._outbox.popleft()
+                published = self._republish(kept)
+                with self._lock:
+                    self._sending = None
+                    if not published:  # Redis failed again (the breaker is open): it goes first next time
+                        self._outbox.appendleft(kept)
+                        self._trim(_outbox_limit())
+                        return
+                    self._republished += 1
+            with self._lock:
+                if self._outbox or not (self._republished or self._dropped_full or self._dropped_old):
+                    return
+                counts = self._republished, self._dropped_full, self._dropped_old
+                self._republished = self._dropped_full = self._dropped_old = 0
+        logger.warning(
+            "dwebsocket: published %d broadcast(s) kept while Redis was unreachable; dropped %d "
+            "(WEBSOCKET_OUTAGE_BUFFER full) and %d (older than WEBSOCKET_HISTORY_TTL).", *counts,
+        )
+
+    def _republish(self, kept: _Kept) -> bool:
+        """Publish one kept broadcast, marked delivered by us; ``False`` (breaker open) if Redis failed."""
+        number = next(self._count)
+        channel = _channel(kept.group, self._cluster)
+        settings = configured()
+        try:
+            if settings is not None:
+                try:
+                    self._run_script(kept.group, kept.message, kept.exclude, True, number, settings)
+                    return True
+                except redis.ResponseError as exc:
+                    if _failed(exc):
+                        raise
+                    logger.warning(
+                        "dwebsocket: could not keep a broadcast to group %r in its history (%s); "
+                        "publishing it without a position.", kept.group, exc,
+                    )
+            _redis.publish(self._publisher, channel, encode(kept.message, kept.exclude, self._origin, True, number))
+            return True
+        except _redis.ERRORS as exc:  # failover ResponseErrors included
+            self._outage(exc)
+            return False
 
     def _skip_later(self, number: int) -> None:
         """Our listener must not deliver our broadcast *number* if Redis ran it after all."""
@@ -714,6 +868,8 @@ class RedisBroker:
         """Redis answered the listener: close the breaker."""
         with self._lock:
             was_reachable, self._reachable = self._reachable, True
+            if not was_reachable:
+                self._drain_at = time.monotonic() + _DRAIN_DELAY  # see the class
         if not was_reachable:
             logger.warning("dwebsocket: Redis at WEBSOCKET_BROKER = %r is back.", self._url)
 
@@ -776,6 +932,8 @@ class RedisBroker:
             subscribed = wanted
             self._write_presence(refresh=time.monotonic() >= next_refresh)
             self._write_reads()
+            if self._kept_waiting() == "drain":  # what we broadcast while Redis was lost (see the class)
+                self._drain()
             if time.monotonic() >= next_refresh:
                 next_refresh = time.monotonic() + _REFRESH
             with self._lock:

@@ -21,6 +21,8 @@ import pytest
 import redis
 import redis.cluster
 
+from dwebsocket.groups.brokers.redis import _DRAIN_DELAY
+
 from .client import ws_connect
 from .servers import (
     RedisCluster, RedisSentinels, RunningServer, start_redis_cluster, start_redis_sentinels, start_server,
@@ -233,9 +235,11 @@ def poll_once(client: PollClient, within: float = 15.0) -> list[object]:
 
 
 def test_sentinel_failover_mid_stream() -> None:
-    """Broadcasts resume within 10 s of the master's death; history gives back what it kept."""
+    """Broadcasts resume within 10 s of the master's death (plus the outbox's delay across processes);
+    history gives back all of them, the window included."""
     with start_redis_sentinels() as sentinels:
-        env = {"DWS_TEST_BROKER": sentinels.url, "DWS_TEST_POLL_TIMEOUT": "1"}
+        # The polling session waits unpolled across the failover and the outbox's delay.
+        env = {"DWS_TEST_BROKER": sentinels.url, "DWS_TEST_POLL_TIMEOUT": "1", "DWS_TEST_POLL_EXPIRY": "60"}
         with start_server("gthread", env=env) as first, start_server("uvicorn", env=env) as second:
             check_failover(sentinels, first, second)
 
@@ -302,7 +306,9 @@ def check_failover(sentinels: RedisSentinels, first: RunningServer, second: Runn
     new = sentinels.master()
     assert new != old, "the sentinels did not fail over"
     print(f"\nfailover: broadcasts resumed {resumed_at - killed_at:.1f} s after the kill")
-    assert resumed_at - killed_at < 10.0
+    # Across processes, later: the first process publishes what it kept in the
+    # window _DRAIN_DELAY after its new master answers, and its newer broadcasts after them.
+    assert resumed_at - killed_at < 10.0 + _DRAIN_DELAY
     with contextlib.suppress(TimeoutError):  # the last ones in flight
         while True:
             live[number_of(member.recv(timeout=1)[1])] = time.monotonic()
@@ -334,9 +340,11 @@ def check_failover(sentinels: RedisSentinels, first: RunningServer, second: Runn
     assert set(after) <= set(recovered)
     window = [n for n in numbers if n not in recovered and n > min(recovered, default=0)]
     print(f"failover: the returning client recovered {len(recovered)} from history; "
-          f"{len(window)} never reached Redis (published during the window, delivered by their "
-          f"process only): {window}")
-    assert set(window) <= set(missed_live)
+          f"{len(window)} missing from it: {window}")
+    # The window too: what the first process broadcast while it had no master
+    # waited in its outbox (far below its bound), then got positions on the new one.
+    assert not window, "broadcasts of the failover window are missing from the history"
+    assert not missed_live, "broadcasts of the failover window never reached the other process"
     away.close()
     member.close()
     for server in (first, second):

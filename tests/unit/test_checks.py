@@ -36,6 +36,10 @@ def test_default_settings_pass_the_checks():
         ("WEBSOCKET_HISTORY_TTL", 0),
         ("WEBSOCKET_HISTORY_TTL", None),
         ("WEBSOCKET_HISTORY_TTL", "300"),
+        ("WEBSOCKET_OUTAGE_BUFFER", -1),
+        ("WEBSOCKET_OUTAGE_BUFFER", "1000"),
+        ("WEBSOCKET_OUTAGE_BUFFER", None),
+        ("WEBSOCKET_OUTAGE_BUFFER", True),
     ],
 )
 def test_wrong_setting_values_are_reported(setting, value):
@@ -53,8 +57,9 @@ def test_none_turns_a_limit_off(setting):
         assert dwebsocket_messages() == []
 
 
-def test_a_history_size_of_0_turns_history_off_and_is_no_mistake():
-    with override_settings(WEBSOCKET_HISTORY_SIZE=0):
+@pytest.mark.parametrize("setting", ["WEBSOCKET_HISTORY_SIZE", "WEBSOCKET_OUTAGE_BUFFER"])
+def test_a_count_of_0_turns_its_feature_off_and_is_no_mistake(setting):
+    with override_settings(**{setting: 0}):
         assert dwebsocket_messages() == []
 
 

@@ -329,8 +329,11 @@ class AsyncWebSocket:
                     return message
                 if ws._state in (CLOSED, CONNECTING):
                     return None
-                remaining = None if deadline is None else deadline - loop.time()
-                if remaining is not None and remaining <= 0:
+                if deadline is None:
+                    await changed  # no wait_for: an idle view keeps one coroutine frame fewer
+                    continue
+                remaining = deadline - loop.time()
+                if remaining <= 0:
                     return None
                 try:
                     await asyncio.wait_for(changed, remaining)
@@ -545,5 +548,16 @@ def attach(request: HttpRequest) -> WebSocket | None:
     if websocket is not None:
         websocket._resume = _take_resume(request)
     request.websocket = websocket  # type: ignore[attr-defined]
-    request.is_websocket = lambda: websocket is not None  # type: ignore[attr-defined]
+    # One of two shared functions, not a closure per request (an idle connection keeps its request).
+    request.is_websocket = _is_websocket if websocket is not None else _is_not_websocket  # type: ignore[attr-defined]
     return websocket
+
+
+def _is_websocket() -> bool:
+    """``request.is_websocket()`` of a WebSocket handshake."""
+    return True
+
+
+def _is_not_websocket() -> bool:
+    """``request.is_websocket()`` of any other request."""
+    return False

@@ -271,7 +271,7 @@ class Outbox(Generic[T]):
     def __init__(self, limits: Limits, size: Callable[[T], int] | None = None) -> None:
         self._limits = limits
         self._size: Callable[[T], int] = size or _no_size
-        self._cond = LightCondition()
+        self._cond = LightCondition(threading.Lock())  # no method takes it again while holding it
         # _NOTHING_WAITING (shared, immutable) while empty, so that an idle
         # connection keeps no deque (about 760 bytes); see _append and take.
         self._items: deque[T] = _NOTHING_WAITING

@@ -33,7 +33,7 @@ class LightCondition:
     __slots__ = ("_lock", "_waiters")
 
     def __init__(self, lock: Any = None) -> None:
-        self._lock = threading.RLock() if lock is None else lock
+        self._lock: Any = threading.RLock() if lock is None else lock
         # Guarded by _lock: the locks of the threads waiting, oldest first.
         self._waiters: list[Any] = []
 

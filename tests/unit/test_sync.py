@@ -11,8 +11,12 @@ import tracemalloc
 import pytest
 from django.test import override_settings
 
+from wsproto import ConnectionType, WSConnection, events
+from wsproto.events import Request
+
 from dwebsocket.transports._sync import LightCondition
-from dwebsocket.transports.policy import Limits, Outbox
+from dwebsocket.transports.policy import Limits, Outbox, RateMeter
+from dwebsocket.transports.wsgi.transport import _Events, _lighten
 from tests.servers import SRC
 
 
@@ -195,3 +199,30 @@ def test_a_light_condition_works_under_gevent():
         env={"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"},
     )
     assert result.stdout.strip() == "ok", result.stderr
+
+
+def test_connections_without_a_rate_limit_share_one_stateless_meter():
+    first, second = RateMeter(Limits()), RateMeter(Limits())
+    assert first is second and all(first.allow() for _ in range(1000))
+    limited = RateMeter(Limits(rate_limit=(2, 60.0)))
+    assert limited is not first and [limited.allow() for _ in range(3)] == [True, True, False]
+
+
+def test_a_lightened_wsproto_connection_still_parses_every_event():
+    server = WSConnection(ConnectionType.SERVER)
+    client = WSConnection(ConnectionType.CLIENT)
+    server.receive_data(client.send(Request(host="example.com", target="/")))
+    assert isinstance(next(server.events()), events.Request)
+    client.receive_data(server.send(events.AcceptConnection()))
+    list(client.events())
+    protocol = server.connection
+    assert protocol is not None
+    _lighten(protocol)
+    assert type(protocol._events) is _Events
+    data = client.send(events.TextMessage("one")) + client.send(events.BytesMessage(b"two"))
+    data += client.send(events.CloseConnection(code=1000))
+    server.receive_data(data)
+    got = list(server.events())
+    assert [type(e) for e in got] == [events.TextMessage, events.BytesMessage, events.CloseConnection]
+    server.receive_data(None)  # the peer vanished: wsproto appends to its queue itself
+    assert [type(e) for e in server.events()] == [events.CloseConnection]

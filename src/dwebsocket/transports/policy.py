@@ -191,10 +191,17 @@ class RateMeter:
 
     A client may send the limit's count of messages at once, then at the
     limit's pace. Owned by the one reader of the connection (the thread or
-    task that parses what the client sends): no lock.
+    task that parses what the client sends): no lock. Without a limit (the
+    default) every connection gets the one shared meter that allows all, which
+    keeps no state.
     """
 
     __slots__ = ("_count", "_per_second", "_tokens", "_updated")
+
+    def __new__(cls, limits: Limits) -> RateMeter:
+        if cls is RateMeter and not limits.rate_limit:
+            return _UNLIMITED
+        return super().__new__(cls)
 
     def __init__(self, limits: Limits) -> None:
         rate = limits.rate_limit
@@ -214,6 +221,24 @@ class RateMeter:
             return False
         self._tokens -= 1.0
         return True
+
+
+class _Unlimited(RateMeter):
+    """The meter of every connection without ``WEBSOCKET_RATE_LIMIT``: stateless, so shared."""
+
+    __slots__ = ()
+
+    def __new__(cls, limits: Limits | None = None) -> _Unlimited:
+        return object.__new__(cls)
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        pass
+
+    def allow(self) -> bool:
+        return True
+
+
+_UNLIMITED = _Unlimited()
 
 
 class ConnectionCount:

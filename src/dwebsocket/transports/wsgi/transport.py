@@ -41,6 +41,7 @@ import select
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 from wsproto.connection import Connection as Protocol
@@ -98,6 +99,7 @@ class SocketTransport:
         # the head of the outbox (a frame the socket took in part: its rest).
         self._lock = threading.Lock()
         self._protocol = protocol
+        _lighten(protocol)
         self._close_sent_at: float | None = None
         # Whether the view's thread and the hub read (epoll shared with the
         # hub), or a reader of the connection's own (gevent).
@@ -664,6 +666,27 @@ class SocketTransport:
         if isinstance(data, str):
             return "".join(parts)  # type: ignore[arg-type]
         return b"".join(parts)  # type: ignore[arg-type]
+
+
+class _Events(list):  # type: ignore[type-arg]
+    """wsproto's queue of parsed events, as a list: it holds one event at most
+    between two reads, and an empty list costs 56 bytes, an empty deque 760."""
+
+    __slots__ = ()
+
+    def popleft(self) -> object:
+        return self.pop(0)
+
+
+def _lighten(protocol: Protocol) -> None:
+    """Give a wsproto connection a smaller event queue, where it keeps an empty deque.
+
+    wsproto (1.x) only appends to its ``_events``, pops from the front and
+    tests it for emptiness; a version that keeps them otherwise is left as is.
+    """
+    events = getattr(protocol, "_events", None)
+    if type(events) is deque and not events:
+        protocol._events = _Events()  # type: ignore[assignment]
 
 
 def _outbox_size(item: Frame | bytes) -> int:

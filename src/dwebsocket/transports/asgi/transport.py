@@ -143,6 +143,16 @@ class AsgiTransport:
     so that a view that outpaces its client waits for it.
     """
 
+    # Slots: every open connection keeps one (an instance __dict__ costs more,
+    # and past 29 attributes about 1.6 KiB). An attribute not listed here still
+    # works (it goes into a __dict__ made on first use): list it here.
+    __slots__ = (
+        "__dict__", "_busy", "_close_refused", "_close_sent", "_disconnected", "_gone", "_handed_over",
+        "_limits", "_link", "_loop", "_loop_thread", "_mailbox", "_offered", "_offered_bytes",
+        "_offered_lock", "_pending", "_pending_bytes", "_progress", "_queue", "_rate", "_receive",
+        "_receiver", "_receiving", "_restarting", "_send",
+    )
+
     def __init__(
         self, receive: Receive, send: Send, loop: asyncio.AbstractEventLoop,
         link: Link,

@@ -509,24 +509,47 @@ async def arun_websocket_view(
     subprotocols: Iterable[str] | None = None,
 ) -> HttpResponseBase:
     """:func:`run_websocket_view` for an ``async def`` view."""
-    websocket = attach(request)
-    assert websocket is not None
-    refusal = websocket._prepare(subprotocols)
-    if refusal is not None:
-        return refusal
-    connection = AsyncWebSocket(websocket)
-    request.websocket = connection  # type: ignore[attr-defined]
-    try:
-        response = await view(request, *args, **kwargs)
-    except Exception:
-        if _view_failed(websocket, view):
-            raise
-        await connection.close(1011, "internal error")
-    else:
-        refused = _refusal(websocket, response)
-        if refused is not None:
-            return refused
-    return await websocket._afinish()
+    assert attach(request) is not None
+    return await _async_view_runner(view, subprotocols)(request, *args, **kwargs)  # type: ignore[no-any-return]
+
+
+def _async_view_runner(
+    view: Callable[..., Any],
+    subprotocols: Iterable[str] | None,
+    plain: Callable[[], HttpResponseBase] | None = None,
+) -> Callable[..., Any]:
+    """An ``async def`` that runs *view* for a request as :func:`arun_websocket_view` does.
+
+    A request that is no handshake gets ``plain()`` if given, else goes to
+    *view* as it is. What ``@require_websocket`` and ``@accept_websocket`` make
+    of an async view: the whole run in the one coroutine every connection
+    keeps while its view runs, not a second one awaited by it.
+    """
+
+    async def run(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        websocket = attach(request)
+        if websocket is None:
+            if plain is not None:
+                return plain()
+            return await view(request, *args, **kwargs)  # type: ignore[no-any-return]
+        refusal = websocket._prepare(subprotocols)
+        if refusal is not None:
+            return refusal
+        connection = AsyncWebSocket(websocket)
+        request.websocket = connection  # type: ignore[attr-defined]
+        try:
+            response = await view(request, *args, **kwargs)
+        except Exception:
+            if _view_failed(websocket, view):
+                raise
+            await connection.close(1011, "internal error")
+        else:
+            refused = _refusal(websocket, response)
+            if refused is not None:
+                return refused
+        return await websocket._afinish()
+
+    return run
 
 
 def _take_resume(request: HttpRequest) -> Resume | None:

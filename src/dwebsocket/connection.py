@@ -122,7 +122,8 @@ class Connection:
         self._close_reason = ""
         self._transport: Transport | None = None
         self._pump: Callable[[float | None], None] | None = None
-        self._listeners: list[Callable[[], object]] = []
+        # A tuple, replaced on each change: () (shared) while nobody listens.
+        self._listeners: tuple[Callable[[], object], ...] = ()
         self._close_hooks: list[Callable[[Link], object]] = []
         # The dwebsocket.v1 session, if the client speaks it: set once, before
         # the transport is, and read without a lock from then on.
@@ -535,7 +536,7 @@ class Link:
         if c is None:
             return _nothing
         with c._cond:
-            c._listeners.append(listener)
+            c._listeners = (*c._listeners, listener)
         return functools.partial(_unlisten, c, listener)  # smaller than a closure
 
     def begin_close(self) -> Transport | None:
@@ -614,7 +615,7 @@ def _unlisten(c: Connection, listener: Callable[[], object]) -> None:
     """The undo of :meth:`Link.listen`."""
     with c._cond:
         if listener in c._listeners:
-            c._listeners.remove(listener)
+            c._listeners = tuple(known for known in c._listeners if known is not listener)
 
 
 def _inbound(c: Connection, message: Message) -> tuple[Message, int | None] | None:

@@ -66,6 +66,9 @@ def _user_id(request: HttpRequest) -> str | None:
     return None
 
 
+# The _accept_lock of every connection whose handshake answer is claimed (see WebSocket.__init__).
+_CLAIMED = threading.Lock()
+
 # The latest connection of each page (dwebsocket.v1 client id) in this
 # process, held weakly; guarded by _pages_lock.
 _pages: weakref.WeakValueDictionary[str, WebSocket] = weakref.WeakValueDictionary()
@@ -86,14 +89,16 @@ class WebSocket(Connection):
         self._request = request
         self._opener = opener
         self._prepared = False
-        self._supported_subprotocols: list[str] = []
+        self._supported_subprotocols: tuple[str, ...] = ()
         self._subprotocol: str | None = None  # the view's (the page's own)
         self._wire_subprotocol: str | None = None  # the handshake's answer
         # What a dwebsocket.v1 client says it has (the resume parameter, taken
         # out of the request by attach()).
         self._resume: Resume | None = None
         # Guarded by _accept_lock: the handshake is answered once, by whichever
-        # thread or coroutine uses the connection first.
+        # thread or coroutine uses the connection first. Once the answer is
+        # claimed (_accepted set, for good) the lock is no longer needed: it is
+        # replaced by one shared lock (_CLAIMED), so an open connection keeps none.
         self._accept_lock = threading.Lock()
         self._accepted = False
         self._finished_response: HttpResponseBase | None = None
@@ -172,7 +177,7 @@ class WebSocket(Connection):
             _warn_full()
             self._refuse()
             return HandshakeError(503, _FULL).response()
-        self._supported_subprotocols = list(subprotocols or ())
+        self._supported_subprotocols = tuple(subprotocols or ())
         return None
 
     def _claim(self) -> bool:
@@ -229,6 +234,7 @@ class WebSocket(Connection):
         with self._accept_lock:
             if not self._claim():
                 return
+            self._accept_lock = _CLAIMED  # whoever takes it from now on finds _accepted set
             if self._opener.open(self._link, self._wire_subprotocol) is None:
                 self._link.closed_with(1006)
             elif self._session is not None:
@@ -239,11 +245,14 @@ class WebSocket(Connection):
             return
         # Never block the event loop on the lock: a thread holding it may be
         # waiting for this very loop to send the handshake answer.
-        while not self._accept_lock.acquire(blocking=False):
+        lock = self._accept_lock  # the one to release: the attribute may change meanwhile
+        while not lock.acquire(blocking=False):
             await asyncio.sleep(0.001)
+            lock = self._accept_lock
         try:
             if not self._claim():
                 return
+            self._accept_lock = _CLAIMED  # whoever takes it from now on finds _accepted set
             if await self._opener.aopen(self._link, self._wire_subprotocol) is None:
                 self._link.closed_with(1006)
             elif self._session is not None:
@@ -253,7 +262,7 @@ class WebSocket(Connection):
                     read = await asyncio.get_running_loop().run_in_executor(None, self._last_read)
                 self._welcome(read)
         finally:
-            self._accept_lock.release()
+            lock.release()
 
     def _refuse(self) -> None:
         """The handshake is answered with plain HTTP: never accept it afterwards."""

@@ -48,6 +48,7 @@ class _Finished(HttpResponse):
     status_code = 101
 
 
+_RECEIVER_NAME = "dwebsocket receive"  # every connection's receive task
 _HANDED_OVER = 32  # sends a thread may hand to the loop before it waits for them
 
 # Close codes with which a client closes on purpose: what it sent before is
@@ -194,7 +195,8 @@ class AsgiTransport:
         self._progress = 0.0
 
     def start(self) -> None:
-        self._receiver = self._loop.create_task(self._receive_loop())
+        # A name of its own: else each task makes one ("Task-123").
+        self._receiver = self._loop.create_task(self._receive_loop(), name=_RECEIVER_NAME)
         restart.register(self)  # on the loop: in the main thread, it chains SIGTERM (restart.install)
 
     def begin_restart(self) -> None:

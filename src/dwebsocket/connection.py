@@ -124,7 +124,7 @@ class Connection:
         self._pump: Callable[[float | None], None] | None = None
         # A tuple, replaced on each change: () (shared) while nobody listens.
         self._listeners: tuple[Callable[[], object], ...] = ()
-        self._close_hooks: list[Callable[[Link], object]] = []
+        self._close_hooks: tuple[Callable[[Link], object], ...] = ()  # replaced on each change
         # The dwebsocket.v1 session, if the client speaks it: set once, before
         # the transport is, and read without a lock from then on.
         self._session: Session | None = None
@@ -562,7 +562,7 @@ class Link:
                 c._state = CLOSED
                 c._close_code = code
                 c._close_reason = reason
-                hooks, c._close_hooks = c._close_hooks, []
+                hooks, c._close_hooks = c._close_hooks, ()
                 admitted, c._admitted = c._admitted, False
                 if code not in (1000, 1001):  # a drop: the page reconnects and sends them again
                     c._drop_numbered()
@@ -586,7 +586,7 @@ class Link:
             if c._state == CLOSED:
                 return False
             if hook not in c._close_hooks:
-                c._close_hooks.append(hook)
+                c._close_hooks = (*c._close_hooks, hook)
             return True
 
     def offer(self, frame: Frame) -> bool:

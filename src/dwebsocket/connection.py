@@ -109,6 +109,14 @@ class Connection:
     work, never block. Close hooks run once, after the lock is released.
     """
 
+    # Slots: every open connection keeps one. "__dict__" keeps any other
+    # attribute working (a subclass's, or one set on a connection by a view).
+    __slots__ = (
+        "__dict__", "__weakref__", "_admitted", "_close_code", "_close_hooks", "_close_reason", "_cond",
+        "_limits", "_link", "_listeners", "_messages", "_pump", "_queued_bytes", "_read_number", "_session",
+        "_state", "_transport", "id",
+    )
+
     def __init__(self, limits: Limits | None = None) -> None:
         self._limits = limits or Limits()
         self._cond = LightCondition()

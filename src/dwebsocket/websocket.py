@@ -84,6 +84,11 @@ class WebSocket(Connection):
     it. Every member is documented on :class:`dwebsocket.connection.Connection`.
     """
 
+    __slots__ = (
+        "_accept_lock", "_accepted", "_finished_response", "_opener", "_prepared", "_request", "_resume",
+        "_subprotocol", "_supported_subprotocols", "_user_id", "_wire_subprotocol",
+    )
+
     def __init__(self, request: HttpRequest, opener: Opener) -> None:
         super().__init__(Limits.from_settings())
         self._request = request

@@ -148,10 +148,10 @@ class AsgiTransport:
     # and past 29 attributes about 1.6 KiB). An attribute not listed here still
     # works (it goes into a __dict__ made on first use): list it here.
     __slots__ = (
-        "__dict__", "_busy", "_close_refused", "_close_sent", "_disconnected", "_gone", "_handed_over",
-        "_limits", "_link", "_loop", "_loop_thread", "_mailbox", "_offered", "_offered_bytes",
-        "_offered_lock", "_pending", "_pending_bytes", "_progress", "_queue", "_rate", "_receive",
-        "_receiver", "_receiving", "_restarting", "_send",
+        "__dict__", "__weakref__", "_busy", "_close_refused", "_close_sent", "_disconnected", "_gone",
+        "_handed_over", "_limits", "_link", "_loop", "_loop_thread", "_mailbox", "_offered",
+        "_offered_bytes", "_offered_lock", "_pending", "_pending_bytes", "_progress", "_queue", "_rate",
+        "_receive", "_receiver", "_receiving", "_restarting", "_send",
     )
 
     def __init__(

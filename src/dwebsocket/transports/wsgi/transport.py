@@ -73,11 +73,11 @@ class SocketTransport:
     # its keys), slots about 8 bytes each. An attribute not listed here still
     # works (it goes into a __dict__ made on first use): list it here.
     __slots__ = (
-        "__dict__", "_close_sent_at", "_compressed", "_delivering", "_discarding", "_ended", "_expired",
-        "_fd", "_fd_nonblocking", "_is_shut_down", "_last_seen", "_limits", "_link", "_lock", "_on_demand",
-        "_outbox", "_parts", "_pending", "_ping_sent_at", "_poller", "_protocol", "_pumped_at", "_rate",
-        "_read_lock", "_reader", "_refusing", "_restarting", "_size", "_sock", "_unparsed", "_view_reads",
-        "tick",
+        "__dict__", "__weakref__", "_close_sent_at", "_compressed", "_delivering", "_discarding",
+        "_ended", "_expired", "_fd", "_fd_nonblocking", "_is_shut_down", "_last_seen", "_limits",
+        "_link", "_lock", "_on_demand", "_outbox", "_parts", "_pending", "_ping_sent_at", "_poller",
+        "_protocol", "_pumped_at", "_rate", "_read_lock", "_reader", "_refusing", "_restarting",
+        "_size", "_sock", "_unparsed", "_view_reads", "tick",
     )
 
     def __init__(

@@ -101,9 +101,10 @@ class WebSocket(Connection):
         # out of the request by attach()).
         self._resume: Resume | None = None
         # Guarded by _accept_lock: the handshake is answered once, by whichever
-        # thread or coroutine uses the connection first. Once the answer is
-        # claimed (_accepted set, for good) the lock is no longer needed: it is
-        # replaced by one shared lock (_CLAIMED), so an open connection keeps none.
+        # thread or coroutine uses the connection first; the others wait for the
+        # answer. Once it is given (the state is no longer CONNECTING, for good)
+        # nobody waits on the lock any more: it is replaced by one shared lock
+        # (_CLAIMED), so an open connection keeps none.
         self._accept_lock = threading.Lock()
         self._accepted = False
         self._finished_response: HttpResponseBase | None = None
@@ -239,11 +240,14 @@ class WebSocket(Connection):
         with self._accept_lock:
             if not self._claim():
                 return
-            self._accept_lock = _CLAIMED  # whoever takes it from now on finds _accepted set
             if self._opener.open(self._link, self._wire_subprotocol) is None:
                 self._link.closed_with(1006)
             elif self._session is not None:
                 self._welcome(self._last_read())
+            # Answered (OPEN, or CLOSED): whoever takes the lock from now on finds
+            # it so. Not before: a thread that uses the connection meanwhile must
+            # wait here for the answer, not go on while it is CONNECTING.
+            self._accept_lock = _CLAIMED
 
     async def _astart(self) -> None:
         if self._state != CONNECTING:
@@ -257,7 +261,6 @@ class WebSocket(Connection):
         try:
             if not self._claim():
                 return
-            self._accept_lock = _CLAIMED  # whoever takes it from now on finds _accepted set
             if await self._opener.aopen(self._link, self._wire_subprotocol) is None:
                 self._link.closed_with(1006)
             elif self._session is not None:
@@ -266,6 +269,7 @@ class WebSocket(Connection):
                 else:  # Redis: not on the event loop
                     read = await asyncio.get_running_loop().run_in_executor(None, self._last_read)
                 self._welcome(read)
+            self._accept_lock = _CLAIMED  # answered: see _start
         finally:
             lock.release()
 

@@ -16,10 +16,12 @@ MATRIX=${DWS_MATRIX:-"4.2:3.10 5.2:3.11 6.0:3.13"}
 
 # Debian packages the tests start: redis-server (the Redis broker's tests) and
 # chromium (the browser tests, driven by Playwright; its own browser download
-# is not used).
+# is not used); gcc builds uWSGI, which PyPI has only as source (about a minute
+# a virtualenv).
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v gcc >/dev/null 2>&1 || missing+=(gcc)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -q >/dev/null

@@ -27,7 +27,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     kept, dropped = [], []
     for item in items:
         marker = item.get_closest_marker("servers")
-        kind = getattr(getattr(item, "callspec", None), "params", {}).get("running_server")
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        kind = params.get("running_server")
+        if kind is None and "polling_server" in params:  # "gthread+redis": the server's kind
+            kind = params["polling_server"].partition("+")[0]
         (dropped if marker and kind and kind not in marker.args else kept).append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)

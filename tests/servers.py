@@ -81,6 +81,19 @@ def no_control_socket() -> list[str]:
     return ["--no-control-socket"] if (major, minor) >= (25, 1) else []
 
 
+def uwsgi(port: int, p: Project, *mode: str, http: str = "--http-socket") -> list[str]:
+    """uWSGI serving HTTP itself (``--http-socket``, or its router with ``--http``), in *mode*.
+
+    ``--die-on-term``: SIGTERM stops uWSGI, as it stops every other server here
+    (without it uWSGI 2.0 reloads on SIGTERM and stops on SIGINT or SIGQUIT).
+    """
+    return [
+        str(Path(sys.executable).with_name("uwsgi")), http, f"127.0.0.1:{port}",
+        "--master", "--die-on-term", "--need-app", "--home", sys.prefix, "--module", p.wsgi,
+        *mode,
+    ]
+
+
 SERVERS = {
     # Django's development server, autoreloader on, as `manage.py runserver` starts it.
     "runserver": lambda port, p: [sys.executable, p.manage, "runserver", f"127.0.0.1:{port}"],
@@ -92,6 +105,8 @@ SERVERS = {
         sys.executable, "-m", "gunicorn", "-k", "gevent", "--worker-connections", "2000",
         "-b", f"127.0.0.1:{port}", "--graceful-timeout", "2", *no_control_socket(), p.wsgi,
     ],
+    "uwsgi-threads": lambda port, p: uwsgi(port, p, "--threads", "64"),
+    "uwsgi-gevent": lambda port, p: uwsgi(port, p, "--gevent", "1000", "--gevent-early-monkey-patch"),
     # ASGI servers, with the project's asgi.py (dwebsocket.asgi.get_asgi_application).
     "uvicorn": lambda port, p: [
         sys.executable, "-m", "uvicorn", "--ws", "wsproto", "--host", "127.0.0.1",
@@ -101,7 +116,7 @@ SERVERS = {
     "hypercorn": lambda port, p: [sys.executable, "-m", "hypercorn", "-b", f"127.0.0.1:{port}", p.asgi],
 }
 
-WSGI_SERVERS = ("runserver", "gthread", "gevent")
+WSGI_SERVERS = ("runserver", "gthread", "gevent", "uwsgi-threads", "uwsgi-gevent")
 ASGI_SERVERS = ("uvicorn", "daphne", "hypercorn")
 
 # What an ASGI server passes between the client and the application differs;
@@ -138,9 +153,20 @@ def limited(kind: str, limit: str) -> bool:
 
 # Servers dwebsocket refuses with a clear error; started by the tests of that error.
 UNSUPPORTED = {
+    "uwsgi-processes": lambda port, p: uwsgi(port, p, "--processes", "1"),
+    # gevent patches the standard library after the app is loaded: dwebsocket's locks are real ones
+    "uwsgi-late-gevent": lambda port, p: uwsgi(port, p, "--gevent", "100", "--gevent-monkey-patch"),
+    "uwsgi-router-without-websockets": lambda port, p: uwsgi(port, p, "--threads", "8", http="--http"),
     "gunicorn-sync": lambda port, p: [
         sys.executable, "-m", "gunicorn", "-k", "sync", "-b", f"127.0.0.1:{port}", *no_control_socket(), p.wsgi,
     ],
+}
+
+
+# Other ways to run a supported server, started by the tests of that way.
+VARIANTS = {
+    # uWSGI's HTTP router process in front of the workers, told to pass WebSockets on
+    "uwsgi-router": lambda port, p: uwsgi(port, p, "--threads", "8", "--http-websockets", http="--http"),
 }
 
 
@@ -225,7 +251,7 @@ def start_server(
             cwd=proj.directory, env=full_env, check=True, timeout=120,
         )
     process = subprocess.Popen(
-        ["timeout", "-k", "5", str(max_seconds), *{**SERVERS, **UNSUPPORTED}[kind](port, proj), *args],
+        ["timeout", "-k", "5", str(max_seconds), *{**SERVERS, **VARIANTS, **UNSUPPORTED}[kind](port, proj), *args],
         cwd=proj.directory, env=full_env, stdout=log, stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL, start_new_session=True,
     )

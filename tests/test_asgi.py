@@ -17,7 +17,7 @@ from .servers import limited, start_server
 from .test_servers import handshake_bytes, raw_exchange, refused_status, sent_code
 
 
-ASYNC_SERVERS = ("runserver", "gthread", "uvicorn", "daphne", "hypercorn")  # not gevent: see below
+ASYNC_SERVERS = ("runserver", "gthread", "uwsgi-threads", "uvicorn", "daphne", "hypercorn")  # not gevent: see below
 
 
 @pytest.mark.servers(*ASYNC_SERVERS)
@@ -65,7 +65,7 @@ def test_async_connection_members(server):
     assert seen == {"after": None, "send_after": False, "closed": True, "finished": True}
 
 
-@pytest.mark.servers("gevent")
+@pytest.mark.servers("gevent", "uwsgi-gevent")
 def test_async_views_under_gevent_get_a_clear_error(server):
     with pytest.raises(InvalidStatus) as refused:
         ws_connect(server, "/async-echo/")

@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 import pytest
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from .client import ws_connect
 from .servers import RunningServer, process_tree, start_server
@@ -153,3 +153,59 @@ def test_daphne_cannot_send_1012_its_connections_drop_and_it_exits() -> None:
             print(f"daphne: server gone after {time.monotonic() - started:.2f} s")
         assert "Traceback" not in server.log_text()
 
+
+
+@pytest.mark.parametrize("kind", ["uwsgi-threads", "uwsgi-gevent"])
+def test_uwsgi_stops_its_workers_at_once_and_connections_drop(kind):
+    """uWSGI stops a worker with a signal handled in C (SIGINT from the master, on
+    SIGTERM with --die-on-term, SIGINT or SIGQUIT), which ends the process before
+    any Python code runs: no close frame (1006), and dwebsocket.js reconnects.
+    docs/servers/uwsgi.md says so; the server is gone within seconds."""
+    with start_server(kind, max_seconds=120) as server:
+        with ws_connect(server, "/deploy-echo/?id=sync") as ws:
+            ws.send("hello")
+            assert ws.recv(10) == "hello"
+            started = _stop_and_time(server, group=False)
+            assert _close_code(ws, BOUND) is None  # no close frame: 1006
+            server.process.wait(BOUND + 2)  # the master buries its worker after a second
+            print(f"{kind}: server gone after {time.monotonic() - started:.2f} s")
+        assert "Traceback" not in server.log_text()
+
+
+@pytest.mark.parametrize("kind", ["uwsgi-gevent", "uwsgi-threads"])
+def test_uwsgi_graceful_reload(kind):
+    """SIGHUP to uWSGI's master reloads its workers gracefully. In gevent mode the
+    worker's SIGHUP reaches dwebsocket (a gevent signal watcher beside uWSGI's):
+    connections close with 1012 and the worker is replaced within a second or
+    two. In threaded mode uWSGI handles it in C: the worker waits for its
+    requests until --worker-reload-mercy (2 s here), then is killed (1006)."""
+    mercy = 2
+    with start_server(kind, max_seconds=120, args=("--worker-reload-mercy", str(mercy))) as server:
+        with ws_connect(server, "/deploy-echo/?id=sync") as ws:
+            ws.send("hello")
+            assert ws.recv(10) == "hello"
+            started = time.monotonic()
+            os.kill(server.main_pid, signal.SIGHUP)
+            code = _close_code(ws, mercy + BOUND)
+            closed_after = time.monotonic() - started
+        print(f"{kind}: closed with {code} after {closed_after:.2f} s")
+        if kind == "uwsgi-gevent":
+            assert code == 1012 and closed_after < BOUND
+            saw = "wait=None connected=False close_code=1012 reason='service restart'"
+            deadline = time.monotonic() + BOUND
+            while not _views_saw(server) and time.monotonic() < deadline:
+                time.sleep(0.1)  # the view prints once it returned
+            assert _views_saw(server) == {"sync": saw}, server.log_text()
+        else:
+            assert code is None and mercy - 0.5 < closed_after < mercy + BOUND
+        deadline = time.monotonic() + 10
+        while True:  # the new worker serves
+            try:
+                with ws_connect(server, "/echo/") as again:
+                    again.send("back")
+                    assert again.recv(10) == "back"
+                break
+            except (OSError, InvalidStatus):
+                assert time.monotonic() < deadline, server.log_text()
+                time.sleep(0.2)
+        assert "Traceback" not in server.log_text()

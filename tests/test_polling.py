@@ -77,7 +77,10 @@ class PollClient:
         return self.call("POST", "close", {"code": code, "reason": reason})[0]
 
 
-@pytest.fixture(scope="module", params=["gthread", "uvicorn", "runserver", "gthread+redis", "uvicorn+redis"])
+@pytest.fixture(
+    scope="module",
+    params=["gthread", "uvicorn", "runserver", "uwsgi-threads", "gthread+redis", "uvicorn+redis", "uwsgi-gevent+redis"],
+)
 def polling_server(request):
     """A server; "+redis": with the Redis broker, so sessions live in Redis."""
     kind, _, redis = request.param.partition("+")
@@ -121,6 +124,8 @@ def test_the_same_view_code_sees_a_connection(polling_server):
     client.close()
 
 
+# Async views do not run under gevent (over WebSocket: 501, tests/test_asgi.py).
+@pytest.mark.servers("gthread", "uvicorn", "runserver", "uwsgi-threads")
 def test_async_view_over_polling(polling_server):
     key = uuid.uuid4().hex
     client = PollClient(polling_server, f"/async-echo/?id={key}")

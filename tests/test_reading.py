@@ -32,7 +32,7 @@ def threads_of_tree(root_pid: int) -> int:
     return total
 
 
-@pytest.mark.parametrize("kind", ["runserver", "gthread"])
+@pytest.mark.parametrize("kind", ["runserver", "gthread", "uwsgi-threads"])
 def test_a_connection_costs_one_thread(kind):
     with start_server(kind) as server, contextlib.ExitStack() as stack:
         def open_echoes(count):
@@ -79,7 +79,9 @@ def test_a_view_that_returns_with_messages_unread_closes_at_once(server):
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1000
 
 
-@pytest.mark.parametrize("kind", ["runserver", "gthread", "gevent", "uvicorn", "daphne", "hypercorn"])
+@pytest.mark.parametrize(
+    "kind", ["runserver", "gthread", "gevent", "uwsgi-threads", "uwsgi-gevent", "uvicorn", "daphne", "hypercorn"]
+)
 def test_a_client_that_leaves_while_its_view_is_behind_is_noticed(kind):
     # The view reads nothing; the client fills its queue (64 in the tests'
     # settings) and more, then vanishes without a close frame.

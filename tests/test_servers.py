@@ -347,13 +347,19 @@ def handshake_bytes(path: str, extra: str = "", key: str = "dGhlIHNhbXBsZSBub25j
     ).encode()
 
 
+# A masked close frame with code 1000, as a client sends it.
+_MASK = b"\x01\x02\x03\x04"
+CLOSE_1000 = b"\x88\x82" + _MASK + bytes(b ^ _MASK[i % 4] for i, b in enumerate(b"\x03\xe8"))
+
+
 @pytest.mark.servers(*WSGI_SERVERS)  # ASGI servers write the frames themselves
 def test_only_websocket_frames_follow_the_handshake(server):
-    # A masked close frame with code 1000, as a client sends it.
-    mask = b"\x01\x02\x03\x04"
-    payload = bytes(b ^ mask[i % 4] for i, b in enumerate(b"\x03\xe8"))
-    close_frame = b"\x88\x82" + mask + payload
-    received = raw_exchange(server, handshake_bytes("/echo/"), then=close_frame)
+    assert_only_frames_follow(server)
+
+
+def assert_only_frames_follow(server) -> None:
+    """After the 101, the server writes the close frame that answers the client's, and nothing else."""
+    received = raw_exchange(server, handshake_bytes("/echo/"), then=CLOSE_1000)
     head, _, rest = received.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 101 ")  # wsproto 1.2 writes no reason phrase
     assert b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in head
@@ -533,3 +539,31 @@ def test_gunicorn_sync_worker_is_refused_with_a_clear_error():
         assert refused.value.response.status_code == 501
         assert b"-k gthread" in refused.value.response.body
         assert "sync worker cannot hold WebSocket connections" in running.log_text()
+
+
+@pytest.mark.parametrize(
+    ("kind", "says"),
+    [
+        ("uwsgi-processes", b"Run uwsgi with --threads N"),
+        ("uwsgi-late-gevent", b"Use --gevent-early-monkey-patch instead"),
+        ("uwsgi-router-without-websockets", b"add --http-websockets"),
+    ],
+)
+def test_uwsgi_modes_that_cannot_hold_connections_are_refused_with_a_clear_error(kind, says):
+    with start_server(kind) as running:
+        with pytest.raises(InvalidStatus) as refused:
+            ws_connect(running, "/echo/")
+        assert refused.value.response.status_code == 501
+        assert says in refused.value.response.body
+        assert running.get("/health/") == (200, "ok")  # the worker goes on serving
+
+
+def test_uwsgi_http_router_with_http_websockets():
+    """``--http`` (a router process in front of the workers) works with ``--http-websockets``."""
+    with start_server("uwsgi-router") as running:
+        with ws_connect(running, "/echo/") as ws:
+            for message in ("through the router", b"\x00binary", "x" * 300_000):
+                ws.send(message)
+                assert ws.recv(timeout=5) == message
+        assert_only_frames_follow(running)
+        assert "Traceback" not in running.log_text()

@@ -26,6 +26,13 @@ How a stop is noticed, with nothing for the user to configure:
 * hypercorn's worker processes get no signal: their parent sets a
   ``multiprocessing`` event, which a thread of the worker watches
   (:func:`_watch_hypercorn_worker`).
+* uWSGI's workers in gevent mode get their signals through gevent signal
+  watchers (uWSGI's, not Python handlers): dwebsocket adds a watcher of its
+  own for ``SIGHUP``, ``SIGINT`` and ``SIGTERM``
+  (:func:`_watch_uwsgi_gevent_worker`). A graceful reload (``SIGHUP``) then
+  closes every connection with 1012; a stop ends the worker before the
+  closer runs. uWSGI's threaded workers handle every signal in C: nothing
+  reaches Python there.
 * The process exiting (Python's exit hooks, before it joins the remaining
   threads): Django's autoreloader ends ``runserver``
   with ``sys.exit()``, and any process that exits with connections still open
@@ -54,6 +61,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from types import FrameType
@@ -189,6 +197,7 @@ def _start_closer() -> None:
     _keep.append(writer)  # the signal handler writes to its descriptor: never collected
     threading.Thread(target=_closer, args=(reader,), name="dwebsocket-restart", daemon=True).start()
     _watch_hypercorn_worker()
+    _watch_uwsgi_gevent_worker()
 
 
 _keep: list[socket.socket] = []
@@ -291,3 +300,21 @@ def _watch_hypercorn_worker() -> None:
         _begin()
 
     threading.Thread(target=watch, name="dwebsocket-restart-watch", daemon=True).start()
+
+
+def _watch_uwsgi_gevent_worker() -> None:
+    """In a uWSGI worker in gevent mode, begin the stop on the signals uWSGI stops it with.
+
+    uWSGI's gevent loop handles the worker's ``SIGHUP`` (graceful reload) and
+    ``SIGINT``/``SIGTERM`` (stop) with gevent signal watchers, not Python
+    handlers; gevent lets a second watcher see the same signal, and this one
+    begins the stop in a greenlet of its own. (In threaded mode uWSGI handles
+    them in C, before any Python runs: nothing can be done there.)
+    """
+    monkey = sys.modules.get("gevent.monkey")
+    if "uwsgi" not in sys.modules or monkey is None or not monkey.is_module_patched("socket"):
+        return
+    import gevent
+
+    for signum in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM):
+        gevent.signal_handler(signum, _begin)

@@ -10,11 +10,21 @@ response dwebsocket hands back makes every supported server drop the
 connection quietly: iterating it raises ``BrokenPipeError``, which both
 wsgiref (``runserver``) and gunicorn treat as a client that went away, logging
 no error.
+
+uWSGI is the exception. It logs a traceback for any exception the response
+raises, and once the response is over it writes the status line Django gave
+``start_response()`` to its descriptor, whatever happened on the socket. So
+under uWSGI dwebsocket drives a duplicate of the connection's descriptor
+(``uwsgi.connection_fd()``, which ``wsgi.input`` knows too), the response iterates as empty, and when the
+connection is over the socket is shut down and uWSGI's descriptor is pointed
+at ``/dev/null`` (``dup2``): uWSGI's last write lands there, its ``close()``
+closes that, and the client never sees a byte after the close frame.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import sys
 from collections.abc import Callable, Iterator
@@ -31,6 +41,7 @@ __all__ = ["SUPPORTED", "ReleasedResponse", "SocketLoan", "WsgiOpener", "borrow_
 
 SUPPORTED = (
     "manage.py runserver, gunicorn with -k gthread or -k gevent, "
+    "uWSGI with --threads N or --gevent N --gevent-early-monkey-patch, "
     "or any ASGI server (uvicorn, daphne, hypercorn)"
 )
 
@@ -43,6 +54,9 @@ class SocketLoan:
     server: str
     #: Called once when the connection is over (e.g. to write an access-log line).
     release: Callable[[], None] = field(default=lambda: None)
+    #: The server writes nothing after a response that iterates as empty (uWSGI);
+    #: otherwise the response raises ``BrokenPipeError`` (see the module's docstring).
+    ends_empty: bool = False
 
 
 def gevent_patched() -> bool:
@@ -50,11 +64,18 @@ def gevent_patched() -> bool:
     return bool(gevent_monkey and gevent_monkey.is_module_patched("socket"))
 
 
+# Whether gevent had patched the standard library when dwebsocket was imported: the
+# locks its modules create at import must be gevent's for greenlets to share them.
+_PATCHED_AT_IMPORT = gevent_patched()
+
+
 def borrow_socket(environ: dict[str, Any]) -> SocketLoan:
     """Return the client's socket, or raise :class:`HandshakeError` (501) naming the fix."""
     sock = environ.get("dwebsocket.socket")
     if sock is not None:  # Django's runserver, through dwebsocket.servers.runserver
         return SocketLoan(sock, "runserver", environ.get("dwebsocket.release", lambda: None))
+    if "uwsgi.version" in environ:
+        return _borrow_uwsgi(environ)
     sock = environ.get("gunicorn.socket")
     if sock is not None:
         if not environ.get("wsgi.multithread") and not gevent_patched():
@@ -71,6 +92,73 @@ def borrow_socket(environ: dict[str, Any]) -> SocketLoan:
         f"{software} cannot hand its socket over to a WebSocket connection. "
         f"dwebsocket works under {SUPPORTED}.",
     )
+
+
+def _borrow_uwsgi(environ: dict[str, Any]) -> SocketLoan:
+    """The socket of a request uWSGI runs (see the module's docstring)."""
+    uwsgi = sys.modules.get("uwsgi")  # the module uWSGI embeds in its workers
+    if uwsgi is None:  # pragma: no cover - a uWSGI environ outside uWSGI
+        raise HandshakeError(501, "uWSGI's own uwsgi module is missing: is this really uWSGI?")
+    if gevent_patched() and not _PATCHED_AT_IMPORT:
+        raise HandshakeError(
+            501,
+            "gevent patched the standard library after Django and dwebsocket were loaded "
+            "(uWSGI's --gevent-monkey-patch does so): connections would deadlock on "
+            "unpatched locks. Use --gevent-early-monkey-patch instead.",
+        )
+    if not gevent_patched():
+        if "gevent" in uwsgi.opt:
+            raise HandshakeError(
+                501,
+                "uWSGI runs with --gevent but gevent has not patched the standard library: "
+                "each WebSocket connection would block the whole worker. "
+                "Add --gevent-early-monkey-patch to uwsgi's options.",
+            )
+        if not environ.get("wsgi.multithread"):
+            raise HandshakeError(
+                501,
+                "this uWSGI worker runs one request at a time: each WebSocket connection "
+                "would block it for as long as it lasts. Run uwsgi with --threads N, "
+                "or with --gevent N --gevent-early-monkey-patch.",
+            )
+    opt = uwsgi.opt
+    if "http" in opt and not ({"http-websockets", "http-raw-body", "http-socket"} & opt.keys()):
+        raise HandshakeError(
+            501,
+            "uWSGI's HTTP router (--http) does not pass WebSocket traffic on unless told to: "
+            "add --http-websockets to uwsgi's options.",
+        )
+    # The connection's descriptor, as uwsgi.connection_fd() says it, which only the
+    # request's own thread may call (an async view runs in another).
+    fd = environ["wsgi.input"].fileno()
+    sock = socket.socket(fileno=os.dup(fd))  # dwebsocket's own descriptor, closed by _UwsgiRelease
+    return SocketLoan(sock, "uwsgi", _UwsgiRelease(fd, sock), ends_empty=True)
+
+
+class _UwsgiRelease:
+    """The end of a connection under uWSGI: nothing uWSGI writes afterwards reaches the client.
+
+    Called once, from the request's thread (or greenlet), after the
+    transport finished. uWSGI's own descriptor *fd* stays open until uWSGI
+    closes it, so its number cannot be reused meanwhile; ``dup2`` swaps what
+    it refers to atomically.
+    """
+
+    def __init__(self, fd: int, sock: socket.socket) -> None:
+        self._fd = fd
+        self._sock = sock
+
+    def __call__(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:  # shut down already (the usual case), or the client is gone
+            pass
+        sink = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(sink, self._fd)
+        finally:
+            os.close(sink)
+        self._sock.close()
 
 
 def prepare_socket(sock: socket.socket) -> None:
@@ -95,13 +183,16 @@ class ReleasedResponse(HttpResponse):
 
     status_code = 101
 
-    def __init__(self, release: Callable[[], None]) -> None:
+    def __init__(self, release: Callable[[], None], ends_empty: bool = False) -> None:
         super().__init__(status=101)
         self._release = release
+        self._ends_empty = ends_empty
         self._closed_once = False
 
     def __iter__(self) -> Iterator[bytes]:
         self._release()
+        if self._ends_empty:  # uWSGI: nothing it writes from now on reaches the client
+            return iter(())
         self.close()  # wsgiref skips close() on this path; Django's request_finished runs here
         raise BrokenPipeError(errno.EPIPE, "WebSocket connection finished; socket released")
 
@@ -153,8 +244,9 @@ class WsgiOpener:
     def finish(self, transport: object) -> HttpResponse:
         if isinstance(transport, SocketTransport):
             transport.finish()
-        release = self._loan.release if self._loan is not None else (lambda: None)
-        return ReleasedResponse(release)
+        if self._loan is None:
+            return ReleasedResponse(lambda: None)
+        return ReleasedResponse(self._loan.release, self._loan.ends_empty)
 
     async def afinish(self, transport: object) -> HttpResponse:
         return self.finish(transport)

@@ -140,6 +140,8 @@ class _Mailbox:
                 member._offer_here(item)
 
 
+# Guards the making of each transport's _handed_over (once per connection that sends from a thread).
+_handed_over_lock = threading.Lock()
 _mailboxes_lock = threading.Lock()
 _mailboxes: dict[asyncio.AbstractEventLoop, _Mailbox] = {}  # guarded by _mailboxes_lock
 
@@ -175,7 +177,7 @@ class AsgiTransport:
     __slots__ = (
         "__dict__", "__weakref__", "_busy", "_close_refused", "_close_sent", "_disconnected", "_gone",
         "_handed_over", "_limits", "_link", "_loop", "_loop_thread", "_mailbox", "_offered",
-        "_offered_bytes", "_offered_lock", "_pending", "_pending_bytes", "_progress", "_queue", "_rate",
+        "_offered_bytes", "_pending", "_pending_bytes", "_progress", "_queue", "_rate",
         "_receive", "_receiver", "_receiving", "_restarting", "_send",
     )
 
@@ -194,7 +196,7 @@ class AsgiTransport:
         # something waits), and whether a send is under way.
         self._queue: deque[tuple[dict[str, Any], Done | None]] = _EMPTY
         self._busy = False
-        # Made by the first send() from a thread (under _offered_lock), then never replaced.
+        # Made by the first send() from a thread (under _handed_over_lock), then never replaced.
         self._handed_over: threading.BoundedSemaphore | None = None
         self._close_sent = False  # owned by the loop
         self._close_refused = False  # owned by the loop: the server refused the restart's 1012
@@ -354,7 +356,7 @@ class AsgiTransport:
 
     def _make_handed_over(self) -> threading.BoundedSemaphore:
         """The semaphore of the first send from a thread (an async view never needs one)."""
-        with self._offered_lock:
+        with _handed_over_lock:
             if self._handed_over is None:
                 self._handed_over = threading.BoundedSemaphore(_HANDED_OVER)
             return self._handed_over

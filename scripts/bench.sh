@@ -17,7 +17,9 @@
 #   scripts/bench.sh storm --configs all        # adds gunicorn gthread and the history-off contrasts
 #   scripts/bench.sh storm --members 50 --steady 1 --after 1 --drain 1   # a smoke run
 #   scripts/bench.sh shards                     # python -m bench.shards: broadcast throughput across 2 processes
-#                                               # on a 1-shard vs a 3-shard Redis Cluster (needs redis-cli)
+#                                               # on a 1-shard vs a 3-shard Redis Cluster (needs redis-cli), each
+#                                               # redis-server in a CPU cgroup capped at --shard-cpu 0.05 of a core
+#                                               # (needs root; --shard-cpu 0: no quota)
 #   scripts/bench.sh shards --groups 10 --messages 20 --rounds 1   # a smoke run
 set -euo pipefail
 cd "$(dirname "$0")/.."

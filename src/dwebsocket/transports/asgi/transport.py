@@ -21,6 +21,7 @@ from django.http.response import HttpResponseBase
 
 from ...connection import Link, wake_future
 from ...handshake import check_server_handshake
+from ... import metrics as _metrics
 from ...messages import Frame, Message
 from .. import restart
 from ..policy import OVERFLOW_CLOSE, RATE_CLOSE, RateMeter, offer_verdict, queued_size, too_big
@@ -328,12 +329,13 @@ class AsgiTransport:
                 self._offered += 1
                 self._offered_bytes += frame.size
         if verdict != "queued":
+            _metrics.overflowed(verdict)
             if verdict == "overflow" and self._link.begin_close() is not None:
                 self._loop.call_soon_threadsafe(self._spawn, self.aclose(*OVERFLOW_CLOSE))
             return False
         message = frame.message
         event = {"type": "websocket.send", "text" if isinstance(message, str) else "bytes": message}
-        sent = functools.partial(self._offer_sent, frame.size)
+        sent = functools.partial(self._offer_sent, frame)
         if self._on_loop():
             self._submit(event, sent)
             return True
@@ -345,7 +347,9 @@ class AsgiTransport:
     def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
         self._loop.create_task(coroutine)
 
-    def _offer_sent(self, size: int, ok: bool) -> None:
+    def _offer_sent(self, frame: Frame, ok: bool) -> None:
+        size = frame.size
+        _metrics.written(frame)
         with self._offered_lock:
             self._offered -= 1
             self._offered_bytes -= size

@@ -56,7 +56,7 @@ def _history_size() -> list[Error]:
 def _metrics_setting() -> list[Error | Warning]:
     """``WEBSOCKET_METRICS``: None, True or False; True needs prometheus_client; a multiprocess directory must exist."""
     value = conf.get("WEBSOCKET_METRICS")
-    if value not in (None, True, False):
+    if not (value is None or value is True or value is False):  # not 1 or 0: they are no setting
         return [
             Error(
                 f"WEBSOCKET_METRICS must be None, True or False; it is {value!r}.",

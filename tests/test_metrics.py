@@ -305,3 +305,42 @@ def test_status_with_the_memory_broker_says_it_sees_only_its_own_process():
     found = json.loads(status_command({"DWS_TEST_BROKER": "memory"}, "--json").stdout)
     assert found["scope"] == "this process only"
     assert [p["pid"] for p in found["processes"]] != []
+
+
+# -- recoveries, and the Redis broker's faults ---------------------------------------------
+
+
+def test_recoveries_are_counted_recovered_or_not():
+    from .test_delivery import SessionClient, http_broadcast
+
+    with start_server("gthread", env={"DWS_TEST_HISTORY_SIZE": "3"}) as running:
+        member = SessionClient(running, "/group/room/").connect()  # no position yet: no recovery asked
+        member.until_joined("room")
+        member.close()
+        http_broadcast(running, "room", 2, "away")
+        member.connect()  # 2 missed, 3 kept: recovered
+        assert member.until_joined("room")[1]["r"] is True
+        member.close()
+        http_broadcast(running, "room", 5, "away")
+        member.connect()  # 5 missed, 3 kept: not recovered
+        assert member.until_joined("room")[1]["r"] is False
+        member.close()
+        samples = scrape(running)
+        assert value(samples, "dwebsocket_recoveries_total", result="recovered") == 1
+        assert value(samples, "dwebsocket_recoveries_total", result="not_recovered") == 1
+
+
+def test_redis_lost_counts_publish_errors_and_its_return_a_reconnect():
+    with start_redis() as redis_server, \
+            start_server("gthread", env={"DWS_TEST_BROKER": redis_server.url}) as running, \
+            ws_connect(running, "/group/room/") as member:
+        joined(member)
+        assert value(scrape(running), "dwebsocket_broker_publish_errors_total") == 0
+        redis_server.stop()
+        assert running.get("/broadcast/room/?n=3")[0] == 200
+        for _ in range(3):
+            assert member.recv(timeout=10).startswith("msg ")  # this process's members still get them
+        assert value(scrape(running), "dwebsocket_broker_publish_errors_total") == 3
+        assert value(scrape(running), "dwebsocket_broker_reconnects_total") == 0
+        redis_server.start()
+        eventually(running, lambda s: _assert_equal(value(s, "dwebsocket_broker_reconnects_total"), 1), timeout=20)

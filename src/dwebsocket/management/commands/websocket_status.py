@@ -79,7 +79,7 @@ def _deployment(url: str) -> dict[str, Any]:
         values = client.mget(keys) if keys else []
     except redis.RedisError as exc:
         raise CommandError(
-            f"Cannot reach Redis at WEBSOCKET_BROKER = {redact(url)!r}: {exc}. "
+            f"Cannot reach Redis at WEBSOCKET_BROKER = {redact(url)!r}: {str(exc).rstrip('.')}. "
             "Start Redis or fix the setting."
         ) from None
     processes = []

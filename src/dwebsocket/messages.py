@@ -120,8 +120,11 @@ class Frame:
         self.written_at = 0.0
 
     def __del__(self) -> None:
-        if self.written_at:
-            _metrics.frame_freed(self.born, self.written_at)
+        if self.written_at:  # metrics on, and some member got it: its lag, once
+            try:
+                _metrics.frame_freed(self.born, self.written_at)
+            except Exception:  # at interpreter exit the module may be gone
+                pass
 
     def variant(self, key: object, build: Callable[[Message], Message]) -> Frame:
         """The frame of ``build(message)``, built once per broadcast for every member that asks with *key*.

@@ -43,6 +43,7 @@ on or not: ``websocket_status`` reports it) is guarded by the caller's lock,
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import sys
 import threading
@@ -82,6 +83,8 @@ __all__ = [
     "view",
     "written",
 ]
+
+logger = logging.getLogger("dwebsocket")
 
 #: Seconds between two flushes of the tallies into the ``prometheus_client`` counters.
 FLUSH_SECONDS = 1.0
@@ -434,6 +437,14 @@ def configure() -> bool:
     setting = conf.get("WEBSOCKET_METRICS")
     if _enabled or setting is False or not available():
         return _enabled
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory and not os.path.isdir(directory):
+        # prometheus_client would fail at the first metric, and the app with it.
+        logger.error(
+            "dwebsocket: metrics are off: PROMETHEUS_MULTIPROC_DIR is %r, which is not a directory. "
+            "Create it (empty) before the server starts; see docs/metrics.md.", directory,
+        )
+        return False
     import prometheus_client
 
     kinds = {

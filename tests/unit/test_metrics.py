@@ -193,3 +193,15 @@ def test_a_multiprocess_directory_that_does_not_exist_is_reported(monkeypatch, t
         assert dwebsocket_messages() == []
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     assert dwebsocket_messages() == []
+
+
+def test_a_missing_multiprocess_directory_leaves_metrics_off_with_a_log_line(tmp_path):
+    done = run_python("""
+        import django
+        django.setup()
+        from dwebsocket import metrics
+        assert not metrics.enabled()
+        assert metrics.received is metrics._nothing
+    """, PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "missing"))
+    assert done.returncode == 0, done.stderr
+    assert "metrics are off: PROMETHEUS_MULTIPROC_DIR is" in done.stderr

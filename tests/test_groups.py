@@ -89,6 +89,29 @@ def test_a_burst_reaches_every_member_that_reads_in_order(kind):
         assert "Traceback" not in running.log_text()
 
 
+@pytest.mark.parametrize("kind", ["uvicorn", "daphne", "hypercorn"])
+def test_a_thread_broadcasting_while_the_event_loop_is_held_up_cuts_nobody(kind):
+    # A sync view broadcasts while the server's event loop is busy (here: an
+    # async view's blocking call holds it 3 s). The members wait with their
+    # loop; that is not evidence that any of them is slow. 400 broadcasts over
+    # 2 s pass the slow-member bar (256 waiting, none written for 1 s) if the
+    # members are judged from the broadcasting thread; judged on the loop,
+    # where their sends go out at once, every member gets all, in order.
+    group, members, count = "stall", 3, 400
+    with start_server(kind) as running, contextlib.ExitStack() as stack:
+        clients = [stack.enter_context(ws_connect(running, f"/async-group/{group}/")) for _ in range(members)]
+        for client in clients:
+            joined(client)
+        wait_for(lambda: presence(running, group)["size"] == members, what=f"{members} members")
+        status, body = running.get(f"/stall-broadcast/{group}/?n={count}&stall=3&spread=2")
+        assert (status, body) == (200, f"sent {count}")
+        for client in clients:
+            got = [client.recv(timeout=10) for _ in range(count)]
+            assert got == [f"stalled {index}" for index in range(count)]
+        assert presence(running, group)["size"] == members
+        assert "Traceback" not in running.log_text()
+
+
 @pytest.mark.parametrize("kind", ["gthread", "uvicorn"])
 def test_a_slow_member_does_not_slow_the_others(kind):
     group = "flood"

@@ -52,6 +52,7 @@ urlpatterns = [
     path("recover-page/", views.recover_page),
     path("presence/<str:name>/", views.presence),
     path("broadcast/<str:name>/", views.http_broadcast),
+    path("stall-broadcast/<str:name>/", views.stall_loop_broadcast),
     path("bad-text/broadcast/<str:name>/", views.bad_text_broadcast),
     path("bad-text/send/", views.bad_text_send),
 ]

@@ -380,8 +380,13 @@ def join_many(request):
     ws.wait()
 
 
+# The event loop of the server's async views, once one ran (ASGI servers only).
+_server_loop: list[asyncio.AbstractEventLoop] = []
+
+
 @require_websocket
 async def async_group_chat(request, name):
+    _server_loop[:] = [asyncio.get_running_loop()]
     ws = request.websocket
     await ws.join(name)
     await ws.send(f"joined {ws.id}")
@@ -426,6 +431,19 @@ def http_broadcast(request, name):
     padding = "p" * int(request.GET.get("size", "0"))
     for index in range(count):
         broadcast(name, f"{request.GET.get('m', 'msg')} {index} {padding}".rstrip())
+    return HttpResponse(f"sent {count}")
+
+
+def stall_loop_broadcast(request, name):
+    """Holds up the server's event loop for ?stall= seconds (as an async view
+    that calls blocking code does) and meanwhile broadcasts ?n= numbered
+    messages to group *name*, spread over ?spread= seconds, from this thread."""
+    count, stall, spread = int(request.GET["n"]), float(request.GET["stall"]), float(request.GET["spread"])
+    _server_loop[0].call_soon_threadsafe(time.sleep, stall)
+    time.sleep(0.2)  # the loop is asleep now
+    for index in range(count):
+        broadcast(name, f"stalled {index}")
+        time.sleep(spread / count)
     return HttpResponse(f"sent {count}")
 
 

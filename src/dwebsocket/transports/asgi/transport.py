@@ -60,37 +60,56 @@ Done = Callable[[bool], object]  # told whether a message was sent
 
 
 class _Mailbox:
-    """Hands messages from other threads to one event loop, many per wake-up.
+    """Hands work from other threads to one event loop, many items per wake-up.
 
-    A broadcast from a thread reaches a thousand members of one loop with one
-    ``call_soon_threadsafe``, not a thousand. ``_lock`` guards ``_items`` and
-    ``_scheduled``; the pump task, on the loop, is the only consumer.
+    Two kinds of items, kept in one queue so that a thread's sends and
+    broadcasts reach each member in the order the thread made them:
+
+    - a message a thread's ``send()`` hands to one connection;
+    - a broadcast made in another thread (a sync view, a broker's listener):
+      every member on this loop joins one batch, and the loop offers the frame
+      to each of them as a broadcast made on the loop would. The broadcasting
+      thread does a list append per member, and the loop is woken once per
+      broadcast, not once per member.
+
+    ``_lock`` guards ``_items``, ``_batches`` (frame -> the batch in
+    ``_items`` that members of it join) and ``_scheduled``; the pump, on the
+    loop, is the only consumer.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._lock = threading.Lock()
-        self._items: deque[tuple[AsgiTransport, dict[str, Any], Done | None]] = deque()
+        self._items: deque[tuple[AsgiTransport | None, Any, Any]] = deque()
+        self._batches: dict[Frame, list[AsgiTransport]] = {}
         self._scheduled = False
 
-    def post(
-        self, transport: AsgiTransport, event: dict[str, Any], done: Done | None, frame: Frame | None = None
-    ) -> bool:
-        """Queue *event* for *transport*; ``False`` if the loop is closed.
-
-        For a broadcast (*frame*), the loop is woken once every member has been
-        offered the frame, not at the first: the broadcasting thread and the
-        loop do not take turns at the GIL for each member.
-        """
+    def post(self, transport: AsgiTransport, event: dict[str, Any], done: Done | None) -> bool:
+        """Queue *event* for *transport*; ``False`` if the loop is closed."""
         with self._lock:
             self._items.append((transport, event, done))
             if self._scheduled:
                 return True
             self._scheduled = True
-        if frame is not None:
-            frame.after_offered(self._wake)
-            return True
         return self._wake()
+
+    def offer(self, transport: AsgiTransport, frame: Frame) -> None:
+        """Add *transport* to *frame*'s batch for this loop.
+
+        The loop is woken once the frame has been offered to every member
+        (:meth:`Frame.offered`), not at the first: the broadcasting thread and
+        the loop do not take turns at the GIL for each member.
+        """
+        with self._lock:
+            batch = self._batches.get(frame)
+            if batch is None:
+                batch = self._batches[frame] = []
+                self._items.append((None, frame, batch))
+            batch.append(transport)
+            if self._scheduled:
+                return
+            self._scheduled = True
+        frame.after_offered(self._wake)
 
     def _wake(self) -> bool:
         try:
@@ -99,15 +118,22 @@ class _Mailbox:
             with self._lock:
                 self._scheduled = False
                 self._items.clear()
+                self._batches.clear()
             return False
         return True
 
     def _pump(self) -> None:
         with self._lock:
             items, self._items = self._items, deque()
+            self._batches.clear()
             self._scheduled = False
-        for transport, event, done in items:
-            transport._submit(event, done)
+        for transport, item, done in items:
+            if transport is not None:
+                transport._submit(item, done)
+                continue
+            for member in done:  # a broadcast: *item* is its frame, *done* its members here
+                member._offer_here(item)
+            _metrics.written(item)  # handed to every member here that was not busy
 
 
 _mailboxes_lock = threading.Lock()
@@ -169,10 +195,9 @@ class AsgiTransport:
         self._pending_bytes = 0
         self._receiving: asyncio.Task[dict[str, Any]] | None = None
         self._rate = RateMeter(self._limits)
-        # Guarded by _offered_lock: broadcasts handed to the loop and not yet
-        # sent, their bytes, and when one was last sent (or the first of them
-        # handed over).
-        self._offered_lock = threading.Lock()
+        # Owned by the loop (broadcasts are offered there, see _offer_here):
+        # broadcasts queued behind a send that had to wait and not yet sent,
+        # their bytes, and when one was last sent (or the first of them queued).
         self._offered = 0
         self._offered_bytes = 0
         self._progress = 0.0
@@ -310,50 +335,50 @@ class AsgiTransport:
         self._handed_over.release()
 
     def offer(self, frame: Frame) -> bool:
-        if not self._busy and not self._queue and self._on_loop():
-            # Nothing waits on this connection and we are on its loop: send at
-            # once, as a bare loop over `await send(...)` would. Only a send
-            # that has to wait counts towards the slow-client policy (the
-            # next broadcasts queue behind it, counted).
-            if self._close_sent or self._disconnected or self._restarting:
-                return False
-            message = frame.message
-            self._run({"type": "websocket.send", "text" if isinstance(message, str) else "bytes": message}, None)
-            return True
-        with self._offered_lock:
-            now = time.monotonic()
-            if not self._offered:
-                self._progress = now
-            verdict = offer_verdict(self._offered, now - self._progress, self._limits, self._offered_bytes)
-            if verdict == "queued":
-                self._offered += 1
-                self._offered_bytes += frame.size
-        if verdict != "queued":
-            _metrics.overflowed(verdict)
-            if verdict == "overflow" and self._link.begin_close() is not None:
-                self._loop.call_soon_threadsafe(self._spawn, self.aclose(*OVERFLOW_CLOSE))
+        if self._on_loop():
+            return self._offer_here(frame)
+        # From another thread: the loop offers it, with every other member of
+        # this broadcast on the loop, as one item of its mailbox.
+        if self._close_sent or self._disconnected or self._restarting:
+            return False
+        self._mailbox.offer(self, frame)
+        return True
+
+    def _offer_here(self, frame: Frame) -> bool:
+        """:meth:`offer`, on the loop."""
+        if self._close_sent or self._disconnected or self._restarting:
             return False
         message = frame.message
         event = {"type": "websocket.send", "text" if isinstance(message, str) else "bytes": message}
-        sent = functools.partial(self._offer_sent, frame)
-        if self._on_loop():
-            self._submit(event, sent)
+        if not self._busy and not self._queue:
+            # Nothing waits on this connection: send at once, as a bare loop
+            # over `await send(...)` would. Only a send that has to wait counts
+            # towards the slow-client policy (the next broadcasts queue behind
+            # it, counted).
+            self._run(event, None)
             return True
-        if not self._mailbox.post(self, event, sent, frame):
-            sent(False)
+        now = time.monotonic()
+        if not self._offered:
+            self._progress = now
+        verdict = offer_verdict(self._offered, now - self._progress, self._limits, self._offered_bytes)
+        if verdict != "queued":
+            _metrics.overflowed(verdict)
+            if verdict == "overflow" and self._link.begin_close() is not None:
+                self._spawn(self.aclose(*OVERFLOW_CLOSE))
             return False
+        self._offered += 1
+        self._offered_bytes += frame.size
+        self._submit(event, functools.partial(self._offer_sent, frame))
         return True
 
     def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
         self._loop.create_task(coroutine)
 
     def _offer_sent(self, frame: Frame, ok: bool) -> None:
-        size = frame.size
         _metrics.written(frame)
-        with self._offered_lock:
-            self._offered -= 1
-            self._offered_bytes -= size
-            self._progress = time.monotonic()
+        self._offered -= 1
+        self._offered_bytes -= frame.size
+        self._progress = time.monotonic()
 
     async def aclose(self, code: int, reason: str) -> None:
         if self._restarting:  # the server stops: its 1012 goes out, whoever closes first

@@ -20,8 +20,8 @@ connection, by one thread (a greenlet under gevent):
   take waits in the member's outbox, and the hub writes it as the socket
   becomes writable, so no broadcaster ever waits for a slow member.
 
-``_lock`` guards ``_transports``, ``_readable``, ``_wanted``, ``_thread``
-and ``_epoll``'s lifetime; the selector is touched by the hub's own thread
+``_lock`` guards ``_transports``, ``_ticks``, ``_readable`` (and its
+reverse, ``_read_fds``), ``_wanted``, ``_thread`` and ``_epoll``'s lifetime; the selector is touched by the hub's own thread
 only, the ``epoll`` set (thread-safe in the kernel) by any thread. The hub never waits for a
 connection's lock: a busy connection is tried again a moment later.
 """
@@ -75,8 +75,11 @@ class Hub:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._transports: set[HubClient] = set()
+        # tick -> how many of _transports have it: the shortest, without a pass over them all.
+        self._ticks: dict[float, int] = {}
         self._wanted: set[HubClient] = set()  # connections with queued writes
         self._readable: dict[int, HubClient] = {}  # fd -> connection read by the hub
+        self._read_fds: dict[HubClient, int] = {}  # the reverse, so a connection leaves in O(1)
         self._watchers: dict[HubClient, Any] = {}  # under gevent: connection -> its I/O watcher
         self._thread: threading.Thread | None = None
         self._epoll: select.epoll | None = None
@@ -91,7 +94,9 @@ class Hub:
     def add(self, transport: HubClient, read: bool = False) -> None:
         """Keep time for *transport* until :meth:`remove`; with *read*, read it while no view does."""
         with self._lock:
-            self._transports.add(transport)
+            if transport not in self._transports:
+                self._transports.add(transport)
+                self._ticks[transport.tick] = self._ticks.get(transport.tick, 0) + 1
             self._start()
             if not read:
                 return
@@ -103,24 +108,31 @@ class Hub:
             elif self._epoll is not None:
                 fd = transport.fileno()
                 self._readable[fd] = transport
+                self._read_fds[transport] = fd
                 self._epoll.register(fd, _ARMED)
 
     def remove(self, transport: HubClient) -> None:
         with self._lock:
-            self._transports.discard(transport)
+            if transport in self._transports:
+                self._transports.discard(transport)
+                left = self._ticks[transport.tick] - 1
+                if left:
+                    self._ticks[transport.tick] = left
+                else:
+                    del self._ticks[transport.tick]
             self._wanted.discard(transport)
             watcher = self._watchers.pop(transport, None)
             if watcher is not None:
                 watcher.stop()
                 watcher.close()
-            for fd, found in list(self._readable.items()):
-                if found is transport:
-                    del self._readable[fd]
-                    if self._epoll is not None:
-                        try:
-                            self._epoll.unregister(fd)
-                        except OSError:  # the descriptor is closed already
-                            pass
+            fd = self._read_fds.pop(transport, None)
+            if fd is not None and self._readable.get(fd) is transport:
+                del self._readable[fd]
+                if self._epoll is not None:
+                    try:
+                        self._epoll.unregister(fd)
+                    except OSError:  # the descriptor is closed already
+                        pass
 
     def arm(self, transport: HubClient, hangup_only: bool = False) -> None:
         """Wake for *transport*'s socket once (data, or with *hangup_only* only a hang-up).
@@ -206,9 +218,10 @@ class Hub:
                         self._wake_r = self._wake_w = None
                         self._epoll = None
                         self._readable.clear()
+                        self._read_fds.clear()
                         break
                     fresh, self._wanted = self._wanted, set()
-                    tick = min(t.tick for t in self._transports)
+                    tick = min(self._ticks)
                 todo, retry = fresh | retry, set()
                 for transport in todo:
                     self._try(transport, selector, blocked, retry)

@@ -9,6 +9,8 @@
 #   scripts/bench.sh fanout --configs redis,channels-redis     # 2 processes sharing a redis-server
 #   scripts/bench.sh echo                       # python -m bench.echo: round trips, vs flask-sock and Channels
 #   scripts/bench.sh echo --clients 50 --duration 5
+#   scripts/bench.sh echo --metrics             # Prometheus metrics on vs off (every other run: off)
+#   scripts/bench.sh fanout --configs metrics   # the same for the fan-out: gthread, gevent, uvicorn-async
 #   scripts/bench.sh idle --members 10000          # python -m bench.idle: 10,000 idle connections in one process:
 #                                               # KiB each, idle CPU, and whether all still answer a broadcast
 #   scripts/bench.sh storm                      # python -m bench.storm: 1000 dwebsocket.v1 members cut at once

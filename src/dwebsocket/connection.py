@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Protocol, cast
 
+from . import metrics as _metrics
 from .messages import Frame, Message, check_close_code, check_message
 from .session import Session, plain
 from .transports._sync import LightCondition
@@ -186,6 +187,7 @@ class Connection:
             self._messages = deque()
         self._messages.append(message)
         self._queued_bytes += queued_size(message)
+        _metrics.received(message)
         session = self._session
         if session is not None:
             session.numbers.append(number)
@@ -345,6 +347,7 @@ class Connection:
             return False
         if self._session is not None:
             message = plain(message)
+        _metrics.sent(message)
         return transport.send(message)
 
     def close(self, code: int = 1000, reason: str = "") -> None:

@@ -21,6 +21,7 @@ from django.http import HttpRequest, HttpResponse, QueryDict
 from django.http.response import HttpResponseBase
 
 from . import conf, groups
+from . import metrics as _metrics
 from .connection import CLOSED, CONNECTING, OPEN, Connection, Transport, wake_future
 from .handshake import HandshakeError
 from .messages import Message, check_close_code, check_message
@@ -178,10 +179,12 @@ class WebSocket(Connection):
             if exc.status >= 500:
                 logger.error("dwebsocket: %s", exc.message)
             self._refuse()
+            _metrics.refused(exc.status)
             return exc.response()
         if not self.admit(conf.get("WEBSOCKET_MAX_CONNECTIONS")):
             _warn_full()
             self._refuse()
+            _metrics.refused(503)
             return HandshakeError(503, _FULL).response()
         self._supported_subprotocols = tuple(subprotocols or ())
         return None
@@ -377,6 +380,7 @@ class AsyncWebSocket:
             return False
         if self._ws._session is not None:
             message = plain(message)
+        _metrics.sent(message)
         return await transport.asend(message)
 
     async def close(self, code: int = 1000, reason: str = "") -> None:

@@ -10,6 +10,7 @@ import logging
 import threading
 from dataclasses import dataclass
 
+from .. import metrics as _metrics
 from ..connection import Link
 from ..messages import Frame, Message, check_message
 from .history import Position
@@ -120,6 +121,7 @@ class Registry:
                 if member.id != exclude and member.offer(frame):
                     count += 1
         finally:
+            _metrics.delivered(frame, count)
             frame.offered()
         return count
 

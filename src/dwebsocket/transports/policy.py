@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar, cast
 
 from .. import conf
+from .. import metrics as _metrics
 from ..messages import Message, message_size
 from ._sync import LightCondition
 
@@ -330,6 +331,7 @@ class Outbox(Generic[T]):
                 self._progress = now
             verdict = offer_verdict(len(self._items), now - self._progress, self._limits, self._bytes)
             if verdict != "queued":
+                _metrics.overflowed(verdict)
                 return verdict
             self._append(item)
             return "queued"
@@ -352,7 +354,10 @@ class Outbox(Generic[T]):
             if not self._items or self._closed:
                 return False
             stalled_for = time.monotonic() - self._progress
-            return offer_verdict(len(self._items), stalled_for, self._limits, self._bytes) == "overflow"
+            if offer_verdict(len(self._items), stalled_for, self._limits, self._bytes) != "overflow":
+                return False
+            _metrics.overflowed("overflow")  # the caller closes the client now
+            return True
 
     def put(self, item: T, timeout: float | None = None) -> bool:
         """Queue a view's send, waiting while the outbox is full; ``False`` once closed."""

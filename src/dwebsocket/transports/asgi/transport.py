@@ -21,6 +21,7 @@ from django.http.response import HttpResponseBase
 
 from ...connection import Link, wake_future
 from ...handshake import check_server_handshake
+from ... import metrics as _metrics
 from ...messages import Frame, Message
 from .. import restart
 from ..policy import OVERFLOW_CLOSE, RATE_CLOSE, RateMeter, offer_verdict, queued_size, too_big
@@ -138,6 +139,7 @@ class _Mailbox:
                 continue
             for member in done:  # a broadcast: *item* is its frame, *done* its members here
                 member._offer_here(item)
+            _metrics.written(item)  # handed to every member here that was not busy
 
 
 # Guards the making of each transport's _handed_over (once per connection that sends from a thread).
@@ -393,20 +395,22 @@ class AsgiTransport:
             self._progress = now
         verdict = offer_verdict(self._offered, now - self._progress, self._limits, self._offered_bytes)
         if verdict != "queued":
+            _metrics.overflowed(verdict)
             if verdict == "overflow" and self._link.begin_close() is not None:
                 self._spawn(self.aclose(*OVERFLOW_CLOSE))
             return False
         self._offered += 1
         self._offered_bytes += frame.size
-        self._submit(event, functools.partial(self._offer_sent, frame.size))
+        self._submit(event, functools.partial(self._offer_sent, frame))
         return True
 
     def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
         self._loop.create_task(coroutine)
 
-    def _offer_sent(self, size: int, ok: bool) -> None:
+    def _offer_sent(self, frame: Frame, ok: bool) -> None:
+        _metrics.written(frame)
         self._offered -= 1
-        self._offered_bytes -= size
+        self._offered_bytes -= frame.size
         self._progress = time.monotonic()
 
     async def aclose(self, code: int, reason: str) -> None:

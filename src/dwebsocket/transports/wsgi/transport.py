@@ -50,6 +50,7 @@ from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping, Pong, TextMessage
 
 from ...connection import Link
+from ... import metrics as _metrics
 from ...messages import Frame, message_size
 from ...messages import Message as MessageData
 from .. import restart
@@ -213,7 +214,7 @@ class SocketTransport:
                 if sent < len(data):
                     self._outbox.replace_head(data[sent:])
                     return False
-                self._outbox.take()
+                _metrics.written(self._outbox.take())
         finally:
             self._lock.release()
 
@@ -263,6 +264,7 @@ class SocketTransport:
             data = item if isinstance(item, bytes) else self._frame(item)
             if not self._write(data):
                 return False
+            _metrics.written(item)
 
     def _finish_head(self) -> bool:
         """Write the rest of a frame the socket took in part, so another may follow; hold ``_lock``."""

@@ -1,6 +1,6 @@
 """Echo benchmark: dwebsocket views against flask-sock and Django Channels, in the same run.
 
-    python -m bench.echo [--clients 100] [--duration 10] [--warmup 2] [--rounds 3] [--threads N]
+    python -m bench.echo [--clients 100] [--duration 10] [--warmup 2] [--rounds 3] [--threads N] [--metrics]
 
 ``--clients`` connections, held by one client process (the ``websockets``
 library's asyncio client, no permessage-deflate), each do sequential round
@@ -79,6 +79,20 @@ CONFIGS = [
            env={"BENCH_STACK": "channels"}),
     Config("dws-uvicorn-sync", "dwebsocket", "sync view", "uvicorn", "echo-uvicorn", "/echo/sync/"),
     Config("asgi", "bare ASGI app", "`await send` of each `receive()`", "uvicorn", "echo-asgi", "/"),
+]
+#: ``--metrics``: dwebsocket's two main configurations, with Prometheus metrics off (as every
+#: configuration above: bench/project/settings.py) and on (WEBSOCKET_METRICS), round-robin.
+METRICS_CONFIGS = [
+    Config("dws-gthread", "dwebsocket", "sync view, metrics off", "gunicorn gthread", "gthread-echo", "/echo/sync/"),
+    Config("dws-gthread-metrics", "dwebsocket", "sync view, metrics on", "gunicorn gthread", "gthread-echo",
+           "/echo/sync/", env={"BENCH_METRICS": "1"}),
+    Config("dws-uvicorn-async", "dwebsocket", "async view, metrics off", "uvicorn", "echo-uvicorn", "/echo/async/"),
+    Config("dws-uvicorn-async-metrics", "dwebsocket", "async view, metrics on", "uvicorn", "echo-uvicorn",
+           "/echo/async/", env={"BENCH_METRICS": "1"}),
+]
+METRICS_RATIOS = [
+    ("metrics on / off, gthread", "dws-gthread-metrics", "dws-gthread"),
+    ("metrics on / off, uvicorn async", "dws-uvicorn-async-metrics", "dws-uvicorn-async"),
 ]
 RATIOS = [
     ("dwebsocket gthread / flask-sock gthread", "dws-gthread", "flask-sock"),
@@ -281,7 +295,12 @@ def main() -> int:
     parser.add_argument("--server-cpu", type=int, default=0, help="core the servers are pinned to")
     parser.add_argument("--client-cpu", type=int, default=1, help="core the clients are pinned to")
     parser.add_argument("--no-pin", action="store_true", help="pin nothing")
+    parser.add_argument("--metrics", action="store_true",
+                        help="instead: dwebsocket with Prometheus metrics on vs off (what they cost)")
     args = parser.parse_args()
+    if args.metrics:
+        global CONFIGS, RATIOS
+        CONFIGS, RATIOS = METRICS_CONFIGS, METRICS_RATIOS
     threads = args.threads or args.clients + 16
     pin = not args.no_pin and shutil.which("taskset") is not None and (
         {args.server_cpu, args.client_cpu} <= os.sched_getaffinity(0)

@@ -24,6 +24,9 @@ redis              dwebsocket async view, 2 uvicorn processes sharing a redis-se
 channels-redis     Channels, the same 2 processes with channels-redis
 *-nohistory        gthread, uvicorn-async and redis with group history off
                    (``WEBSOCKET_HISTORY_SIZE = 0``): what keeping it costs
+*-metrics          gthread, gevent and uvicorn-async with Prometheus metrics on
+                   (``WEBSOCKET_METRICS``; every other configuration has them off): what
+                   they cost; ``--configs metrics`` runs the three pairs
 =================  ==========================================================================
 
 Every server process is pinned to one core (``taskset -c --server-cpu``, its
@@ -215,8 +218,17 @@ CONFIGS = [
            "fanout-uvicorn", "/member/", "/fanout/dwebsocket/async/", env={"BENCH_HISTORY_SIZE": "0"}),
     Config("redis-nohistory", "dwebsocket", "async view, Redis broker, history off", "2 × uvicorn",
            "fanout-uvicorn", "/member/", "/fanout/dwebsocket/", env={"BENCH_HISTORY_SIZE": "0"}, processes=2),
+    # Prometheus metrics on (WEBSOCKET_METRICS; off in every configuration above): what they cost.
+    Config("gthread-metrics", "dwebsocket", "sync view, metrics on", "gunicorn gthread", "fanout-gthread",
+           "/member/sync/", "/fanout/dwebsocket/", env={"BENCH_METRICS": "1"}),
+    Config("gevent-metrics", "dwebsocket", "sync view, metrics on", "gunicorn gevent", "fanout-gevent",
+           "/member/sync/", "/fanout/dwebsocket/", env={"BENCH_METRICS": "1"}),
+    Config("uvicorn-async-metrics", "dwebsocket", "async view, async broadcast, metrics on", "uvicorn",
+           "fanout-uvicorn", "/member/", "/fanout/dwebsocket/async/", env={"BENCH_METRICS": "1"}),
 ]
 BY_KEY = {config.key: config for config in CONFIGS}
+#: ``--configs metrics``: each metrics-on configuration beside its metrics-off twin.
+METRICS_KEYS = ["gthread", "gthread-metrics", "gevent", "gevent-metrics", "uvicorn-async", "uvicorn-async-metrics"]
 DEFAULT_KEYS = ["gthread", "gevent", "uvicorn", "uvicorn-async", "flask-gthread", "flask-gevent", "asgi", "channels"]
 RATIOS = [
     ("dwebsocket gthread / flask-sock gthread", "gthread", "flask-gthread"),
@@ -228,6 +240,9 @@ RATIOS = [
     ("history on / off, gthread", "gthread", "gthread-nohistory"),
     ("history on / off, uvicorn async", "uvicorn-async", "uvicorn-async-nohistory"),
     ("history on / off, 2 processes, Redis", "redis", "redis-nohistory"),
+    ("metrics on / off, gthread", "gthread-metrics", "gthread"),
+    ("metrics on / off, gevent", "gevent-metrics", "gevent"),
+    ("metrics on / off, uvicorn async", "uvicorn-async-metrics", "uvicorn-async"),
 ]
 
 
@@ -735,10 +750,10 @@ def parse_keys(text: str) -> list[str]:
     keys: list[str] = []
     for part in text.split(","):
         part = part.strip()
-        names = {"default": DEFAULT_KEYS, "all": [c.key for c in CONFIGS]}.get(part, [part])
+        names = {"default": DEFAULT_KEYS, "all": [c.key for c in CONFIGS], "metrics": METRICS_KEYS}.get(part, [part])
         for name in names:
             if name not in BY_KEY:
-                raise SystemExit(f"unknown configuration {name!r}; known: {', '.join(BY_KEY)}, default, all")
+                raise SystemExit(f"unknown configuration {name!r}; known: {', '.join(BY_KEY)}, default, all, metrics")
             if name not in keys:
                 keys.append(name)
     return keys

@@ -9,6 +9,8 @@
 #   scripts/bench.sh fanout --configs redis,channels-redis     # 2 processes sharing a redis-server
 #   scripts/bench.sh echo                       # python -m bench.echo: round trips, vs flask-sock and Channels
 #   scripts/bench.sh echo --clients 50 --duration 5
+#   scripts/bench.sh echo --metrics             # Prometheus metrics on vs off (every other run: off)
+#   scripts/bench.sh fanout --configs metrics   # the same for the fan-out: gthread, gevent, uvicorn-async
 #   scripts/bench.sh idle --members 10000          # python -m bench.idle: 10,000 idle connections in one process:
 #                                               # KiB each, idle CPU, and whether all still answer a broadcast
 #   scripts/bench.sh storm                      # python -m bench.storm: 1000 dwebsocket.v1 members cut at once
@@ -17,7 +19,9 @@
 #   scripts/bench.sh storm --configs all        # adds gunicorn gthread and the history-off contrasts
 #   scripts/bench.sh storm --members 50 --steady 1 --after 1 --drain 1   # a smoke run
 #   scripts/bench.sh shards                     # python -m bench.shards: broadcast throughput across 2 processes
-#                                               # on a 1-shard vs a 3-shard Redis Cluster (needs redis-cli)
+#                                               # on a 1-shard vs a 3-shard Redis Cluster (needs redis-cli), each
+#                                               # redis-server in a CPU cgroup capped at --shard-cpu 0.05 of a core
+#                                               # (needs root; --shard-cpu 0: no quota)
 #   scripts/bench.sh shards --groups 10 --messages 20 --rounds 1   # a smoke run
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -23,7 +23,7 @@ PACKAGE = "dwebsocket"
 #: The layers, lowest first: a module belongs to the first layer with a
 #: prefix that matches its name (``prefix`` or ``prefix.*``).
 LAYERS: list[tuple[str, list[str]]] = [
-    ("leaves", ["conf", "messages", "_redis", "transports.policy", "transports"]),
+    ("leaves", ["conf", "metrics", "messages", "_redis", "transports.policy", "transports"]),
     ("connection", ["connection", "handshake", "session"]),
     ("groups", ["groups"]),
     ("transports", ["transports.wsgi", "transports.asgi", "transports.polling", "transports.opener"]),

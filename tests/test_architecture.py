@@ -64,3 +64,21 @@ def test_every_public_module_declares_its_names() -> None:
         if "__all__" not in path.read_text():
             missing.append(str(path.relative_to(ROOT)))
     assert missing == []
+
+
+def test_no_file_keeps_a_merge_conflict_marker() -> None:
+    # Every file git tracks here, docs and changelog included: a marker left by a
+    # merge is a defect wherever it is.
+    listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    markers = ("<<<<<<< ", ">>>>>>> ")
+    found = []
+    for name in listed.splitlines():
+        path = ROOT / name
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, FileNotFoundError, IsADirectoryError):
+            continue
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.startswith(markers):
+                found.append(f"{name}:{number}")
+    assert not found, f"merge conflict markers left in: {', '.join(found)}"

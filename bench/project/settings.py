@@ -26,6 +26,9 @@ WEBSOCKET_MAX_CONNECTIONS = None  # the benchmarks measure capacity (bench/idle.
 WEBSOCKET_HISTORY_SIZE = int(os.environ.get("BENCH_HISTORY_SIZE", "100"))  # 0: the *-nohistory configurations
 if not DEFAULTS:
     WEBSOCKET_BROADCAST_QUEUE = 100_000
+# Prometheus metrics (docs/metrics.md) off unless BENCH_METRICS=1: the *-metrics
+# configurations measure what they cost (the bench venv has prometheus_client).
+WEBSOCKET_METRICS = os.environ.get("BENCH_METRICS") == "1"
 # Channels
 if REDIS_URL:
     CHANNEL_LAYERS = {

@@ -1,3 +1,4 @@
+import dwebsocket.metrics
 from django.urls import path
 
 from . import views
@@ -12,4 +13,5 @@ urlpatterns = [
     path("echo/sync/", views.echo_sync),
     path("echo/async/", views.echo_async),
     path("debug/memory/", views.memory),
+    path("metrics", dwebsocket.metrics.view),  # with BENCH_METRICS=1: shows what was counted
 ]

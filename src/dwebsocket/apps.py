@@ -14,9 +14,15 @@ class DWebSocketConfig(AppConfig):
     def ready(self) -> None:
         # Imported once the app registry is ready: these modules use Django's
         # handlers and register system checks.
-        from . import asgi, checks  # noqa: F401  (checks: registers the system checks)
+        from . import asgi, checks, conf, groups, metrics  # noqa: F401  (checks: registers the system checks)
         from .transports import restart
         from .transports.wsgi import runserver
+
+        metrics.configure()  # WEBSOCKET_METRICS, if prometheus_client is installed
+        if conf.is_redis_url(conf.get("WEBSOCKET_BROKER")):
+            # Every serving process publishes its status (manage.py websocket_status)
+            # through the broker, from its first connection on.
+            restart.on_first_connection(groups.get_broker)
 
         runserver.install()  # manage.py runserver lends its sockets
         asgi.install()  # django.core.asgi.get_asgi_application() serves WebSockets

@@ -19,6 +19,7 @@ import django
 import django.core.asgi
 from django.core.handlers.asgi import ASGIHandler
 
+from . import metrics
 from .transports.asgi.handler import WebSocketHandler
 
 __all__ = ["WebSocketASGIHandler", "get_asgi_application"]
@@ -29,6 +30,7 @@ class WebSocketASGIHandler(ASGIHandler):
 
     def __init__(self) -> None:
         super().__init__()
+        metrics.serving("asgi")  # this process serves ASGI: its polling sessions are labelled so
         self._websocket = WebSocketHandler()  # at startup: its warnings are seen then
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:

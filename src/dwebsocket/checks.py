@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
 from django.conf import settings
 from django.core.checks import Error, Warning, register
 
-from . import conf
+from . import conf, metrics
 from .transports.policy import parse_rate
 
 __all__ = ["check_broker_reachable", "check_settings"]
@@ -45,6 +46,38 @@ def _count_or_zero(name: str, zero: str) -> list[Error]:
                 f"{name} must be a positive integer or 0 ({zero} off); it is {value!r}.",
                 hint=f"Set {name} = {conf.DEFAULTS[name]!r} (the default), or 0 to turn {zero} off.",
                 id="dwebsocket.E001",
+            )
+        ]
+    return []
+
+
+def _metrics_setting() -> list[Error | Warning]:
+    """``WEBSOCKET_METRICS``: None, True or False; True needs prometheus_client; a multiprocess directory must exist."""
+    value = conf.get("WEBSOCKET_METRICS")
+    if not (value is None or value is True or value is False):  # not 1 or 0: they are no setting
+        return [
+            Error(
+                f"WEBSOCKET_METRICS must be None, True or False; it is {value!r}.",
+                hint="None (the default) records metrics when prometheus_client is installed; False turns them off.",
+                id="dwebsocket.E007",
+            )
+        ]
+    if value is True and not metrics.available():
+        return [
+            Error(
+                "WEBSOCKET_METRICS is True, but prometheus_client is not installed.",
+                hint='pip install "dwebsocket[metrics]", or set WEBSOCKET_METRICS = None or False.',
+                id="dwebsocket.E008",
+            )
+        ]
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if value is not False and directory and not os.path.isdir(directory):
+        return [
+            Warning(
+                f"PROMETHEUS_MULTIPROC_DIR is {directory!r}, which is not a directory: prometheus_client "
+                "fails on the first metric it records.",
+                hint="Create it (empty) before the server starts, e.g. mkdir -p in the start script. See docs/metrics.md.",
+                id="dwebsocket.W003",
             )
         ]
     return []
@@ -97,6 +130,8 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error | Warni
         )
     elif broker != "memory":
         errors.extend(_check_redis_url(broker))
+
+    errors += _metrics_setting()
 
     origins = conf.get("WEBSOCKET_ALLOWED_ORIGINS")
     if origins is not None and (

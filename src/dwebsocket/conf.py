@@ -80,6 +80,10 @@ DEFAULTS: dict[str, Any] = {
     "WEBSOCKET_OUTAGE_BUFFER": 1000,
     # Long-polling: seconds a poll waits for messages before it answers empty.
     "WEBSOCKET_POLL_TIMEOUT": 25.0,
+    # Prometheus metrics (docs/metrics.md): None (the default) records them when
+    # prometheus_client is installed (pip install "dwebsocket[metrics]"); True
+    # requires it (a system check says so if it is missing); False turns them off.
+    "WEBSOCKET_METRICS": None,
     # Long-polling: seconds without a poll after which a session expires
     # (the view then sees the connection close with 1006).
     "WEBSOCKET_POLL_EXPIRY": 15.0,

@@ -14,21 +14,28 @@ the named, typed interface of what a transport may do to a connection.
 from __future__ import annotations
 
 import asyncio
-import threading
+import functools
 import time
 import uuid
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Protocol
+from typing import Protocol, cast
 
+from . import metrics as _metrics
 from .messages import Frame, Message, check_close_code, check_message
 from .session import Session, plain
+from .transports._sync import LightCondition
 from .transports.policy import Limits, connections, has_room, queued_size
 
 __all__ = ["CLOSED", "CLOSING", "CONNECTING", "OPEN", "Connection", "Link", "Transport", "wake_future"]
 
 CONNECTING, OPEN, CLOSING, CLOSED = "CONNECTING", "OPEN", "CLOSING", "CLOSED"
+
+# The inbound queue of a connection with nothing queued: shared, and immutable
+# (a tuple), so that an idle connection keeps no deque of its own (about 760
+# bytes); _push gives a connection a deque and _pop gives it back.
+_NO_MESSAGES = cast("deque[Message]", ())
 
 
 class Transport(Protocol):
@@ -58,25 +65,34 @@ def wake_future(loop: asyncio.AbstractEventLoop) -> tuple[asyncio.Future[None], 
     once; from any other thread it goes through ``call_soon_threadsafe``.
     """
     future: asyncio.Future[None] = loop.create_future()
+    return future, _Wake(loop, future)
 
-    def resolve() -> None:
-        if not future.done():
-            future.set_result(None)
 
-    def listener() -> None:
+class _Wake:
+    """The listener of :func:`wake_future`: a small object, not two closures, as every idle async view keeps one."""
+
+    __slots__ = ("_future", "_loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -> None:
+        self._loop = loop
+        self._future = future
+
+    def _resolve(self) -> None:
+        if not self._future.done():
+            self._future.set_result(None)
+
+    def __call__(self) -> None:
         try:
-            on_loop = asyncio.get_running_loop() is loop
+            on_loop = asyncio.get_running_loop() is self._loop
         except RuntimeError:
             on_loop = False
         if on_loop:
-            resolve()
+            self._resolve()
         else:
             try:
-                loop.call_soon_threadsafe(resolve)
+                self._loop.call_soon_threadsafe(self._resolve)
             except RuntimeError:  # the loop is closed: nobody waits any more
                 pass
-
-    return future, listener
 
 
 class Connection:
@@ -94,10 +110,18 @@ class Connection:
     work, never block. Close hooks run once, after the lock is released.
     """
 
+    # Slots: every open connection keeps one. "__dict__" keeps any other
+    # attribute working (a subclass's, or one set on a connection by a view).
+    __slots__ = (
+        "__dict__", "__weakref__", "_admitted", "_close_code", "_close_hooks", "_close_reason", "_cond",
+        "_limits", "_link", "_listeners", "_messages", "_pump", "_queued_bytes", "_read_number", "_session",
+        "_state", "_transport", "id",
+    )
+
     def __init__(self, limits: Limits | None = None) -> None:
         self._limits = limits or Limits()
-        self._cond = threading.Condition()
-        self._messages: deque[Message] = deque()
+        self._cond = LightCondition()
+        self._messages: deque[Message] = _NO_MESSAGES  # a deque of its own while messages wait
         # What the queued messages count against WEBSOCKET_MAX_QUEUE_BYTES.
         self._queued_bytes = 0
         # Whether this connection holds a place in policy.connections (admit()).
@@ -107,8 +131,9 @@ class Connection:
         self._close_reason = ""
         self._transport: Transport | None = None
         self._pump: Callable[[float | None], None] | None = None
-        self._listeners: set[Callable[[], object]] = set()
-        self._close_hooks: list[Callable[[Link], object]] = []
+        # A tuple, replaced on each change: () (shared) while nobody listens.
+        self._listeners: tuple[Callable[[], object], ...] = ()
+        self._close_hooks: tuple[Callable[[Link], object], ...] = ()  # replaced on each change
         # The dwebsocket.v1 session, if the client speaks it: set once, before
         # the transport is, and read without a lock from then on.
         self._session: Session | None = None
@@ -145,6 +170,8 @@ class Connection:
         if not self._messages:
             return None
         message = self._messages.popleft()
+        if not self._messages:
+            self._messages = _NO_MESSAGES
         self._queued_bytes -= queued_size(message)
         session = self._session
         if session is not None and session.numbers:
@@ -156,8 +183,11 @@ class Connection:
 
     def _push(self, message: Message, number: int | None = None) -> None:
         """Queue a received message (with its number, if numbered); call with ``_cond`` held."""
+        if self._messages is _NO_MESSAGES:
+            self._messages = deque()
         self._messages.append(message)
         self._queued_bytes += queued_size(message)
+        _metrics.received(message)
         session = self._session
         if session is not None:
             session.numbers.append(number)
@@ -175,7 +205,7 @@ class Connection:
         if session is None or not any(n is not None for n in session.numbers):
             return
         kept = [(m, n) for m, n in zip(self._messages, session.numbers) if n is None]
-        self._messages = deque(m for m, _ in kept)
+        self._messages = deque(m for m, _ in kept) if kept else _NO_MESSAGES
         session.numbers = deque(n for _, n in kept)
         self._queued_bytes = sum(queued_size(m) for m in self._messages)
         self._changed()
@@ -234,7 +264,7 @@ class Connection:
     def _discard(self) -> None:
         """Drop the messages nobody will read (the view has returned) and what ties the connection to its transport."""
         with self._cond:
-            self._messages.clear()
+            self._messages = _NO_MESSAGES
             self._queued_bytes = 0
             if self._session is not None:
                 self._session.numbers.clear()
@@ -317,6 +347,7 @@ class Connection:
             return False
         if self._session is not None:
             message = plain(message)
+        _metrics.sent(message)
         return transport.send(message)
 
     def close(self, code: int = 1000, reason: str = "") -> None:
@@ -516,13 +547,8 @@ class Link:
         if c is None:
             return _nothing
         with c._cond:
-            c._listeners.add(listener)
-
-        def remove() -> None:
-            with c._cond:
-                c._listeners.discard(listener)
-
-        return remove
+            c._listeners = (*c._listeners, listener)
+        return functools.partial(_unlisten, c, listener)  # smaller than a closure
 
     def begin_close(self) -> Transport | None:
         """Move to CLOSING; the transport to send the close frame on, if still open."""
@@ -547,7 +573,7 @@ class Link:
                 c._state = CLOSED
                 c._close_code = code
                 c._close_reason = reason
-                hooks, c._close_hooks = c._close_hooks, []
+                hooks, c._close_hooks = c._close_hooks, ()
                 admitted, c._admitted = c._admitted, False
                 if code not in (1000, 1001):  # a drop: the page reconnects and sends them again
                     c._drop_numbered()
@@ -571,7 +597,7 @@ class Link:
             if c._state == CLOSED:
                 return False
             if hook not in c._close_hooks:
-                c._close_hooks.append(hook)
+                c._close_hooks = (*c._close_hooks, hook)
             return True
 
     def offer(self, frame: Frame) -> bool:
@@ -594,6 +620,13 @@ class Link:
 
 def _nothing() -> None:
     """The undo of a listener that was never added."""
+
+
+def _unlisten(c: Connection, listener: Callable[[], object]) -> None:
+    """The undo of :meth:`Link.listen`."""
+    with c._cond:
+        if listener in c._listeners:
+            c._listeners = tuple(known for known in c._listeners if known is not listener)
 
 
 def _inbound(c: Connection, message: Message) -> tuple[Message, int | None] | None:

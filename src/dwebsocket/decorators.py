@@ -10,7 +10,7 @@ from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import HttpRequest, HttpResponseBadRequest
 from django.http.response import HttpResponseBase
 
-from .websocket import arun_websocket_view, attach, run_websocket_view
+from .websocket import _async_view_runner, attach, run_websocket_view
 
 View = TypeVar("View", bound=Callable[..., Any])
 
@@ -20,16 +20,15 @@ _NOT_WEBSOCKET = (
 )
 
 
+def _not_websocket() -> HttpResponseBase:
+    """The answer of a ``@require_websocket`` view to a request that is no handshake."""
+    return HttpResponseBadRequest(_NOT_WEBSOCKET, content_type="text/plain")
+
+
 def _websocket_view(view: View, *, required: bool, subprotocols: Iterable[str] | None) -> View:
     if iscoroutinefunction(view):
-
-        async def async_wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
-            if attach(request) is None:
-                if required:
-                    return HttpResponseBadRequest(_NOT_WEBSOCKET, content_type="text/plain")
-                return await view(request, *args, **kwargs)  # type: ignore[no-any-return]
-            return await arun_websocket_view(view, request, args, kwargs, subprotocols)
-
+        # One coroutine runs the handshake and the view (no wrapper awaiting another).
+        async_wrapper = _async_view_runner(view, subprotocols, _not_websocket if required else None)
         wrapper: Any = functools.wraps(view)(async_wrapper)
         markcoroutinefunction(wrapper)
     else:

@@ -11,6 +11,8 @@ from typing import Protocol, Union
 
 from wsproto.frame_protocol import FrameProtocol
 
+from . import metrics as _metrics
+
 __all__ = ["Frame", "Message", "Place", "check_close_code", "check_message", "message_size", "unencodable"]
 
 #: What a WebSocket message is: ``str`` for a text frame, ``bytes`` for a binary one.
@@ -97,7 +99,7 @@ class Frame:
     :attr:`message`.
     """
 
-    __slots__ = ("message", "size", "group", "position", "_data", "_after", "_variants")
+    __slots__ = ("message", "size", "group", "position", "_data", "_after", "_variants", "born", "written_at")
 
     def __init__(self, message: Message, group: str | None = None, position: Place | None = None) -> None:
         self.message = message
@@ -112,6 +114,17 @@ class Frame:
         # Frames derived from this one for members that need another form (see
         # variant()); key -> frame. A race builds one twice, harmlessly.
         self._variants: dict[object, Frame] | None = None
+        # For dwebsocket_broadcast_lag_seconds (dwebsocket.metrics): when it was
+        # made (0.0 with metrics off) and last written to a member (0.0: never).
+        self.born = _metrics.frame_made()
+        self.written_at = 0.0
+
+    def __del__(self) -> None:
+        if self.written_at:  # metrics on, and some member got it: its lag, once
+            try:
+                _metrics.frame_freed(self.born, self.written_at)
+            except Exception:  # at interpreter exit the module may be gone
+                pass
 
     def variant(self, key: object, build: Callable[[Message], Message]) -> Frame:
         """The frame of ``build(message)``, built once per broadcast for every member that asks with *key*.

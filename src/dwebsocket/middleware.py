@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from asgiref.sync import async_to_sync, iscoroutinefunction, markcoroutinefunction, sync_to_async
@@ -87,21 +87,14 @@ class WebSocketMiddleware:
             self.process_view = self._aprocess_view  # type: ignore[method-assign, assignment]
 
     def __call__(self, request: HttpRequest) -> Any:
-        if self._async:
-            return self.__acall__(request)
+        # In an async stack this returns the awaitable of what comes next (the
+        # caller awaits it) rather than a coroutine of its own that awaits it:
+        # the same, with one coroutine fewer kept for the life of a connection.
         action = _polling_action(request)
         if action is not None and action != "open":
-            return polling.handle(request, action)
+            return polling.ahandle(request, action) if self._async else polling.handle(request, action)
         attach(request)
         return self.get_response(request)
-
-    async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
-        action = _polling_action(request)
-        if action is not None and action != "open":
-            return await polling.ahandle(request, action)
-        attach(request)
-        response: Awaitable[HttpResponseBase] = self.get_response(request)
-        return await response
 
     async def _aprocess_view(
         self,

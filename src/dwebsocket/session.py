@@ -32,6 +32,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from . import metrics as _metrics
 from .messages import Frame, Message, Place
 
 __all__ = ["PROTOCOL", "RESUME_PARAMETER", "Resume", "Session", "answer", "split_offer", "take_resume"]
@@ -277,6 +278,7 @@ class Session:
         *current* the group's position when it was read (``None``: no history);
         *complete* whether *entries* hold everything after *asked*.
         """
+        _metrics.recovery(asked, complete)
         with self._lock:
             held = self._held.pop(group, [])
             for position, message, exclude in entries:

@@ -21,6 +21,7 @@ from django.http import HttpRequest, HttpResponse, QueryDict
 from django.http.response import HttpResponseBase
 
 from . import conf, groups
+from . import metrics as _metrics
 from .connection import CLOSED, CONNECTING, OPEN, Connection, Transport, wake_future
 from .handshake import HandshakeError
 from .messages import Message, check_close_code, check_message
@@ -66,6 +67,9 @@ def _user_id(request: HttpRequest) -> str | None:
     return None
 
 
+# The _accept_lock of every connection whose handshake answer is claimed (see WebSocket.__init__).
+_CLAIMED = threading.Lock()
+
 # The latest connection of each page (dwebsocket.v1 client id) in this
 # process, held weakly; guarded by _pages_lock.
 _pages: weakref.WeakValueDictionary[str, WebSocket] = weakref.WeakValueDictionary()
@@ -81,19 +85,27 @@ class WebSocket(Connection):
     it. Every member is documented on :class:`dwebsocket.connection.Connection`.
     """
 
+    __slots__ = (
+        "_accept_lock", "_accepted", "_finished_response", "_opener", "_prepared", "_request", "_resume",
+        "_subprotocol", "_supported_subprotocols", "_user_id", "_wire_subprotocol",
+    )
+
     def __init__(self, request: HttpRequest, opener: Opener) -> None:
         super().__init__(Limits.from_settings())
         self._request = request
         self._opener = opener
         self._prepared = False
-        self._supported_subprotocols: list[str] = []
+        self._supported_subprotocols: tuple[str, ...] = ()
         self._subprotocol: str | None = None  # the view's (the page's own)
         self._wire_subprotocol: str | None = None  # the handshake's answer
         # What a dwebsocket.v1 client says it has (the resume parameter, taken
         # out of the request by attach()).
         self._resume: Resume | None = None
         # Guarded by _accept_lock: the handshake is answered once, by whichever
-        # thread or coroutine uses the connection first.
+        # thread or coroutine uses the connection first; the others wait for the
+        # answer. Once it is given (the state is no longer CONNECTING, for good)
+        # nobody waits on the lock any more: it is replaced by one shared lock
+        # (_CLAIMED), so an open connection keeps none.
         self._accept_lock = threading.Lock()
         self._accepted = False
         self._finished_response: HttpResponseBase | None = None
@@ -167,12 +179,14 @@ class WebSocket(Connection):
             if exc.status >= 500:
                 logger.error("dwebsocket: %s", exc.message)
             self._refuse()
+            _metrics.refused(exc.status)
             return exc.response()
         if not self.admit(conf.get("WEBSOCKET_MAX_CONNECTIONS")):
             _warn_full()
             self._refuse()
+            _metrics.refused(503)
             return HandshakeError(503, _FULL).response()
-        self._supported_subprotocols = list(subprotocols or ())
+        self._supported_subprotocols = tuple(subprotocols or ())
         return None
 
     def _claim(self) -> bool:
@@ -233,14 +247,20 @@ class WebSocket(Connection):
                 self._link.closed_with(1006)
             elif self._session is not None:
                 self._welcome(self._last_read())
+            # Answered (OPEN, or CLOSED): whoever takes the lock from now on finds
+            # it so. Not before: a thread that uses the connection meanwhile must
+            # wait here for the answer, not go on while it is CONNECTING.
+            self._accept_lock = _CLAIMED
 
     async def _astart(self) -> None:
         if self._state != CONNECTING:
             return
         # Never block the event loop on the lock: a thread holding it may be
         # waiting for this very loop to send the handshake answer.
-        while not self._accept_lock.acquire(blocking=False):
+        lock = self._accept_lock  # the one to release: the attribute may change meanwhile
+        while not lock.acquire(blocking=False):
             await asyncio.sleep(0.001)
+            lock = self._accept_lock
         try:
             if not self._claim():
                 return
@@ -252,8 +272,9 @@ class WebSocket(Connection):
                 else:  # Redis: not on the event loop
                     read = await asyncio.get_running_loop().run_in_executor(None, self._last_read)
                 self._welcome(read)
+            self._accept_lock = _CLAIMED  # answered: see _start
         finally:
-            self._accept_lock.release()
+            lock.release()
 
     def _refuse(self) -> None:
         """The handshake is answered with plain HTTP: never accept it afterwards."""
@@ -329,8 +350,11 @@ class AsyncWebSocket:
                     return message
                 if ws._state in (CLOSED, CONNECTING):
                     return None
-                remaining = None if deadline is None else deadline - loop.time()
-                if remaining is not None and remaining <= 0:
+                if deadline is None:
+                    await changed  # no wait_for: an idle view keeps one coroutine frame fewer
+                    continue
+                remaining = deadline - loop.time()
+                if remaining <= 0:
                     return None
                 try:
                     await asyncio.wait_for(changed, remaining)
@@ -356,6 +380,7 @@ class AsyncWebSocket:
             return False
         if self._ws._session is not None:
             message = plain(message)
+        _metrics.sent(message)
         return await transport.asend(message)
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
@@ -506,24 +531,47 @@ async def arun_websocket_view(
     subprotocols: Iterable[str] | None = None,
 ) -> HttpResponseBase:
     """:func:`run_websocket_view` for an ``async def`` view."""
-    websocket = attach(request)
-    assert websocket is not None
-    refusal = websocket._prepare(subprotocols)
-    if refusal is not None:
-        return refusal
-    connection = AsyncWebSocket(websocket)
-    request.websocket = connection  # type: ignore[attr-defined]
-    try:
-        response = await view(request, *args, **kwargs)
-    except Exception:
-        if _view_failed(websocket, view):
-            raise
-        await connection.close(1011, "internal error")
-    else:
-        refused = _refusal(websocket, response)
-        if refused is not None:
-            return refused
-    return await websocket._afinish()
+    assert attach(request) is not None
+    return await _async_view_runner(view, subprotocols)(request, *args, **kwargs)  # type: ignore[no-any-return]
+
+
+def _async_view_runner(
+    view: Callable[..., Any],
+    subprotocols: Iterable[str] | None,
+    plain: Callable[[], HttpResponseBase] | None = None,
+) -> Callable[..., Any]:
+    """An ``async def`` that runs *view* for a request as :func:`arun_websocket_view` does.
+
+    A request that is no handshake gets ``plain()`` if given, else goes to
+    *view* as it is. What ``@require_websocket`` and ``@accept_websocket`` make
+    of an async view: the whole run in the one coroutine every connection
+    keeps while its view runs, not a second one awaited by it.
+    """
+
+    async def run(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        websocket = attach(request)
+        if websocket is None:
+            if plain is not None:
+                return plain()
+            return await view(request, *args, **kwargs)  # type: ignore[no-any-return]
+        refusal = websocket._prepare(subprotocols)
+        if refusal is not None:
+            return refusal
+        connection = AsyncWebSocket(websocket)
+        request.websocket = connection  # type: ignore[attr-defined]
+        try:
+            response = await view(request, *args, **kwargs)
+        except Exception:
+            if _view_failed(websocket, view):
+                raise
+            await connection.close(1011, "internal error")
+        else:
+            refused = _refusal(websocket, response)
+            if refused is not None:
+                return refused
+        return await websocket._afinish()
+
+    return run
 
 
 def _take_resume(request: HttpRequest) -> Resume | None:
@@ -545,5 +593,16 @@ def attach(request: HttpRequest) -> WebSocket | None:
     if websocket is not None:
         websocket._resume = _take_resume(request)
     request.websocket = websocket  # type: ignore[attr-defined]
-    request.is_websocket = lambda: websocket is not None  # type: ignore[attr-defined]
+    # One of two shared functions, not a closure per request (an idle connection keeps its request).
+    request.is_websocket = _is_websocket if websocket is not None else _is_not_websocket  # type: ignore[attr-defined]
     return websocket
+
+
+def _is_websocket() -> bool:
+    """``request.is_websocket()`` of a WebSocket handshake."""
+    return True
+
+
+def _is_not_websocket() -> bool:
+    """``request.is_websocket()`` of any other request."""
+    return False

@@ -63,6 +63,8 @@ WEBSOCKET_MAX_QUEUE_BYTES = int(os.environ.get("DWS_TEST_MAX_QUEUE_BYTES", str(4
 WEBSOCKET_MAX_CONNECTIONS = int(os.environ.get("DWS_TEST_MAX_CONNECTIONS", "1000"))
 WEBSOCKET_RATE_LIMIT = os.environ.get("DWS_TEST_RATE_LIMIT") or None
 WEBSOCKET_MAX_GROUPS = int(os.environ.get("DWS_TEST_MAX_GROUPS", "100"))
+# "" (the default: on when prometheus_client is installed), "1" or "0".
+WEBSOCKET_METRICS = {"": None, "1": True, "0": False}[os.environ.get("DWS_TEST_METRICS", "")]
 WEBSOCKET_HISTORY_SIZE = int(os.environ.get("DWS_TEST_HISTORY_SIZE", "100"))
 
 LOGGING = {

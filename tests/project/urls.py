@@ -1,10 +1,11 @@
 from django.contrib.staticfiles.urls import staticfiles_urlpatterns
-from django.urls import path
+from django.urls import include, path
 
 from . import seed_broadcast, seed_echo, views
 
 urlpatterns = [
     path("health/", views.health),
+    path("", include("dwebsocket.urls")),  # /metrics
     path("result/<str:key>/", views.result),
     path("seed/echo/", seed_echo.chat_view),
     path("seed/broadcast/", seed_broadcast.chat_view),

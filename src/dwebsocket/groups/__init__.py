@@ -20,6 +20,7 @@ import asyncio
 import threading
 
 from .. import conf
+from .. import metrics as _metrics
 from ..connection import Link
 from ..messages import Message, check_message
 from .brokers import Broker, make_broker
@@ -89,6 +90,7 @@ def broadcast(group: str, message: Message, exclude: object = None) -> None:
     docs/reliability.md), and not at all while Redis is failing: then only
     this process's members get it, and it does not raise.
     """
+    _metrics.published()
     get_broker().publish(group, check_message(message), _exclude_id(exclude))
 
 

@@ -3,7 +3,7 @@
 The WSGI socket, ASGI, long-polling and test transports all take their
 limits from :class:`Limits` and keep what waits for a slow client in an
 :class:`Outbox`, so a limit means the same on every server and is tested
-once. A leaf of the transports layer: it imports only settings and messages.
+once. A leaf of the transports layer: it imports only settings, messages and _sync.
 """
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar, cast
 
 from .. import conf
+from .. import metrics as _metrics
 from ..messages import Message, message_size
+from ._sync import LightCondition
 
 __all__ = [
     "BURST_BYTES_FACTOR", "BURST_FACTOR", "MESSAGE_OVERHEAD", "OVERFLOW_CLOSE", "RATE_CLOSE", "STALL_SECONDS",
@@ -98,8 +100,14 @@ class Limits:
 
     @classmethod
     def from_settings(cls) -> Limits:
-        """The limits the project's settings ask for."""
-        return cls(
+        """The limits the project's settings ask for.
+
+        Every connection keeps its limits: while the settings stay the same,
+        connections share one instance (it is immutable) instead of each
+        keeping a copy.
+        """
+        global _last_limits
+        limits = cls(
             max_message_size=conf.get("WEBSOCKET_MAX_MESSAGE_SIZE"),
             max_queue=conf.get("WEBSOCKET_MAX_QUEUE"),
             ping_interval=conf.get("WEBSOCKET_PING_INTERVAL"),
@@ -112,6 +120,15 @@ class Limits:
             rate_limit=parse_rate(conf.get("WEBSOCKET_RATE_LIMIT")),
             max_groups=conf.get("WEBSOCKET_MAX_GROUPS"),
         )
+        last = _last_limits  # read once: another thread may replace it (with an equal or newer one)
+        if last == limits:
+            return last
+        _last_limits = limits
+        return limits
+
+
+# The limits from_settings() gave last, shared by the connections opened since.
+_last_limits: Limits | None = None
 
 
 def too_big(message: Message, limits: Limits) -> bool:
@@ -175,10 +192,17 @@ class RateMeter:
 
     A client may send the limit's count of messages at once, then at the
     limit's pace. Owned by the one reader of the connection (the thread or
-    task that parses what the client sends): no lock.
+    task that parses what the client sends): no lock. Without a limit (the
+    default) every connection gets the one shared meter that allows all, which
+    keeps no state.
     """
 
     __slots__ = ("_count", "_per_second", "_tokens", "_updated")
+
+    def __new__(cls, limits: Limits) -> RateMeter:
+        if cls is RateMeter and not limits.rate_limit:
+            return _UNLIMITED
+        return super().__new__(cls)
 
     def __init__(self, limits: Limits) -> None:
         rate = limits.rate_limit
@@ -198,6 +222,24 @@ class RateMeter:
             return False
         self._tokens -= 1.0
         return True
+
+
+class _Unlimited(RateMeter):
+    """The meter of every connection without ``WEBSOCKET_RATE_LIMIT``: stateless, so shared."""
+
+    __slots__ = ()
+
+    def __new__(cls, limits: Limits | None = None) -> _Unlimited:
+        return object.__new__(cls)
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        pass
+
+    def allow(self) -> bool:
+        return True
+
+
+_UNLIMITED = _Unlimited()
 
 
 class ConnectionCount:
@@ -255,8 +297,10 @@ class Outbox(Generic[T]):
     def __init__(self, limits: Limits, size: Callable[[T], int] | None = None) -> None:
         self._limits = limits
         self._size: Callable[[T], int] = size or _no_size
-        self._cond = threading.Condition()
-        self._items: deque[T] = deque()
+        self._cond = LightCondition(threading.Lock())  # no method takes it again while holding it
+        # _NOTHING_WAITING (shared, immutable) while empty, so that an idle
+        # connection keeps no deque (about 760 bytes); see _append and take.
+        self._items: deque[T] = _NOTHING_WAITING
         self._bytes = 0
         self._closed = False
         # When the writer last took an item, or the queue last became non-empty.
@@ -287,12 +331,15 @@ class Outbox(Generic[T]):
                 self._progress = now
             verdict = offer_verdict(len(self._items), now - self._progress, self._limits, self._bytes)
             if verdict != "queued":
+                _metrics.overflowed(verdict)
                 return verdict
             self._append(item)
             return "queued"
 
     def _append(self, item: T) -> None:
         """Queue *item* last; hold ``_cond``."""
+        if self._items is _NOTHING_WAITING:
+            self._items = deque()
         self._items.append(item)
         self._bytes += self._size(item)
         self._cond.notify_all()
@@ -307,7 +354,10 @@ class Outbox(Generic[T]):
             if not self._items or self._closed:
                 return False
             stalled_for = time.monotonic() - self._progress
-            return offer_verdict(len(self._items), stalled_for, self._limits, self._bytes) == "overflow"
+            if offer_verdict(len(self._items), stalled_for, self._limits, self._bytes) != "overflow":
+                return False
+            _metrics.overflowed("overflow")  # the caller closes the client now
+            return True
 
     def put(self, item: T, timeout: float | None = None) -> bool:
         """Queue a view's send, waiting while the outbox is full; ``False`` once closed."""
@@ -335,6 +385,8 @@ class Outbox(Generic[T]):
             if not self._items:
                 return None
             item = self._items.popleft()
+            if not self._items:
+                self._items = _NOTHING_WAITING
             self._bytes -= self._size(item)
             self._progress = time.monotonic()
             self._cond.notify_all()
@@ -359,6 +411,8 @@ class Outbox(Generic[T]):
         with self._cond:
             if not self._items:
                 self._progress = time.monotonic()
+            if self._items is _NOTHING_WAITING:
+                self._items = deque()
             self._items.appendleft(item)
             self._bytes += self._size(item)
             self._cond.notify_all()
@@ -367,7 +421,7 @@ class Outbox(Generic[T]):
         """Every waiting item, in order (a poll answers them all at once)."""
         with self._cond:
             items = list(self._items)
-            self._items.clear()
+            self._items = _NOTHING_WAITING
             self._bytes = 0
             self._progress = time.monotonic()
             self._cond.notify_all()
@@ -389,6 +443,10 @@ class Outbox(Generic[T]):
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+
+
+# The items of every empty outbox: a tuple, so nothing is ever appended to it.
+_NOTHING_WAITING: deque[Any] = cast("deque[Any]", ())
 
 
 def _no_size(item: object) -> int:

@@ -65,11 +65,13 @@ import sys
 import threading
 import time
 from types import FrameType
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from .. import conf
+from .. import metrics as _metrics
 
-__all__ = ["RESTART_CLOSE", "Restartable", "install", "register", "stopping", "unregister"]
+__all__ = ["RESTART_CLOSE", "Restartable", "install", "on_first_connection", "register", "stopping", "unregister"]
 
 logger = logging.getLogger("dwebsocket")
 
@@ -104,6 +106,7 @@ _stopping = False  # set once (by the handler, the hypercorn watcher, or at exit
 _exit_when_done = False  # the displaced SIGTERM handler was the default: die once closed
 _closed_for_exit = False  # set by the closer when it is done waiting, just before it sends SIGTERM
 _previous: Any = None  # the SIGTERM handler _on_signal displaced (main thread only)
+_first_hooks: list[Callable[[], object]] = []  # set up by the app when it is ready, read-only afterwards
 
 
 def stopping() -> bool:
@@ -120,10 +123,27 @@ def register(transport: Restartable) -> None:
     install()
     with _lock:
         _open.add(transport)
-        if _wake_r is None:
+        _metrics.connection_opened(transport)
+        first = _wake_r is None
+        if first:
             _start_closer()
+    if first:
+        for hook in _first_hooks:  # in a thread: a hook may wait (for Redis), and this may be an event loop
+            threading.Thread(target=hook, name="dwebsocket-first-connection", daemon=True).start()
     if _stopping:
         _wake()
+
+
+def on_first_connection(hook: Callable[[], object]) -> None:
+    """Call *hook* (in a thread of its own) when this process's first connection opens.
+
+    The app starts the Redis broker this way, so that every serving process
+    publishes its status record (``manage.py websocket_status``) even before
+    any of its connections joins a group; not at start-up, where a server that
+    forks its workers afterwards (gunicorn ``--preload``) would lose the thread.
+    """
+    if hook not in _first_hooks:
+        _first_hooks.append(hook)
 
 
 def unregister(transport: Restartable) -> None:
@@ -131,6 +151,7 @@ def unregister(transport: Restartable) -> None:
     with _lock:
         if transport in _open:
             _open.discard(transport)
+            _metrics.connection_closed(transport)
             _changed.notify_all()
 
 

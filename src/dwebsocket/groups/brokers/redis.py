@@ -66,11 +66,13 @@ from typing import Any, NamedTuple
 import redis
 
 from ... import _redis, conf
+from ... import metrics as _metrics
 from ...connection import Link
 from ...messages import Message
 from ..history import META_TTL, Entry, Position, Recovery, configured, new_epoch, recovery
 from ..reads import ttl as reads_ttl
 from ..registry import Member, Registry
+from ..status import publish as _publish_status
 
 __all__ = ["Broadcast", "RedisBroker", "decode", "encode"]
 
@@ -481,6 +483,7 @@ class RedisBroker:
                 )
                 reachable, live, wanted = self._reachable, group in self._live, group in self._wanted
         if not reachable:  # the breaker is open: fail fast
+            _metrics.publish_failed()
             self._registry.deliver(group, message, exclude)
             self._keep(group, message, exclude)
             return False
@@ -504,6 +507,7 @@ class RedisBroker:
                 encode(message, exclude, self._origin, not live, number),
             )
         except _redis.ERRORS as exc:
+            _metrics.publish_failed()
             if live:
                 self._skip_later(number)
                 self._registry.deliver(group, message, exclude)  # local delivery goes on
@@ -544,6 +548,7 @@ class RedisBroker:
         self, group: str, message: Message, exclude: str | None, live: bool, number: int, exc: Exception
     ) -> bool:
         """The publish script failed: deliver here, without a position, and open the breaker."""
+        _metrics.publish_failed()
         if live:
             self._skip_later(number)
         self._registry.deliver(group, message, exclude)  # local delivery goes on, without a position
@@ -871,6 +876,7 @@ class RedisBroker:
             if not was_reachable:
                 self._drain_at = time.monotonic() + _DRAIN_DELAY  # see the class
         if not was_reachable:
+            _metrics.broker_reconnected()
             logger.warning("dwebsocket: Redis at WEBSOCKET_BROKER = %r is back.", self._url)
 
     # -- the listener thread -------------------------------------------------
@@ -934,6 +940,7 @@ class RedisBroker:
             self._write_reads()
             if self._kept_waiting() == "drain":  # what we broadcast while Redis was lost (see the class)
                 self._drain()
+            _publish_status(self._redis, self._origin, self._registry, self._url)  # every INTERVAL seconds
             if time.monotonic() >= next_refresh:
                 next_refresh = time.monotonic() + _REFRESH
             with self._lock:

@@ -21,6 +21,7 @@ from django.http.response import HttpResponseBase
 
 from ...connection import Link, wake_future
 from ...handshake import check_server_handshake
+from ... import metrics as _metrics
 from ...messages import Frame, Message
 from .. import restart
 from ..policy import OVERFLOW_CLOSE, RATE_CLOSE, RateMeter, offer_verdict, queued_size, too_big
@@ -48,6 +49,7 @@ class _Finished(HttpResponse):
     status_code = 101
 
 
+_RECEIVER_NAME = "dwebsocket receive"  # every connection's receive task
 _HANDED_OVER = 32  # sends a thread may hand to the loop before it waits for them
 
 # Close codes with which a client closes on purpose: what it sent before is
@@ -56,6 +58,11 @@ _HANDED_OVER = 32  # sends a thread may hand to the loop before it waits for the
 _CLEAN_CLOSES = (1000, 1001)
 
 Done = Callable[[bool], object]  # told whether a message was sent
+
+# An empty queue shared by every transport (a tuple: never appended to), so an
+# idle connection keeps no deque of its own (about 760 bytes each); a
+# transport makes one when something has to wait, and drops it once empty.
+_EMPTY: deque[Any] = cast("deque[Any]", ())
 
 
 class _Mailbox:
@@ -132,8 +139,11 @@ class _Mailbox:
                 continue
             for member in done:  # a broadcast: *item* is its frame, *done* its members here
                 member._offer_here(item)
+            _metrics.written(item)  # handed to every member here that was not busy
 
 
+# Guards the making of each transport's _handed_over (once per connection that sends from a thread).
+_handed_over_lock = threading.Lock()
 _mailboxes_lock = threading.Lock()
 _mailboxes: dict[asyncio.AbstractEventLoop, _Mailbox] = {}  # guarded by _mailboxes_lock
 
@@ -163,6 +173,16 @@ class AsgiTransport:
     so that a view that outpaces its client waits for it.
     """
 
+    # Slots: every open connection keeps one (an instance __dict__ costs more,
+    # and past 29 attributes about 1.6 KiB). An attribute not listed here still
+    # works (it goes into a __dict__ made on first use): list it here.
+    __slots__ = (
+        "__dict__", "__weakref__", "_busy", "_close_refused", "_close_sent", "_disconnected", "_gone",
+        "_handed_over", "_limits", "_link", "_loop", "_loop_thread", "_mailbox", "_offered",
+        "_offered_bytes", "_pending", "_pending_bytes", "_progress", "_queue", "_rate",
+        "_receive", "_receiver", "_receiving", "_restarting", "_send",
+    )
+
     def __init__(
         self, receive: Receive, send: Send, loop: asyncio.AbstractEventLoop,
         link: Link,
@@ -174,10 +194,12 @@ class AsgiTransport:
         self._link = link
         self._limits = link.limits
         self._loop_thread = threading.get_ident()  # made on the loop, in AsgiOpener.aopen
-        # Owned by the loop: what waits to be sent, and whether a send is under way.
-        self._queue: deque[tuple[dict[str, Any], Done | None]] = deque()
+        # Owned by the loop: what waits to be sent (_EMPTY, or a deque while
+        # something waits), and whether a send is under way.
+        self._queue: deque[tuple[dict[str, Any], Done | None]] = _EMPTY
         self._busy = False
-        self._handed_over = threading.BoundedSemaphore(_HANDED_OVER)
+        # Made by the first send() from a thread (under _handed_over_lock), then never replaced.
+        self._handed_over: threading.BoundedSemaphore | None = None
         self._close_sent = False  # owned by the loop
         self._close_refused = False  # owned by the loop: the server refused the restart's 1012
         self._restarting = False  # set once, by restart.py's closer, before the view hears of it
@@ -189,7 +211,7 @@ class AsgiTransport:
         # view's queue was full, what they count against
         # WEBSOCKET_MAX_QUEUE_BYTES, and the server's receive() under way
         # while they wait (see _next_event).
-        self._pending: deque[Message] = deque()
+        self._pending: deque[Message] = _EMPTY  # a deque of its own while messages wait
         self._pending_bytes = 0
         self._receiving: asyncio.Task[dict[str, Any]] | None = None
         self._rate = RateMeter(self._limits)
@@ -201,7 +223,8 @@ class AsgiTransport:
         self._progress = 0.0
 
     def start(self) -> None:
-        self._receiver = self._loop.create_task(self._receive_loop())
+        # A name of its own: else each task makes one ("Task-123").
+        self._receiver = self._loop.create_task(self._receive_loop(), name=_RECEIVER_NAME)
         restart.register(self)  # on the loop: in the main thread, it chains SIGTERM (restart.install)
 
     def begin_restart(self) -> None:
@@ -249,6 +272,8 @@ class AsgiTransport:
     def _submit(self, event: dict[str, Any], done: Done | None) -> None:
         """Send *event* after everything submitted before it; on the loop."""
         if self._busy or self._queue:
+            if self._queue is _EMPTY:
+                self._queue = deque()
             self._queue.append((event, done))
             return
         self._run(event, done)
@@ -273,6 +298,7 @@ class AsgiTransport:
                 done(ok)
             event, done = self._queue.popleft() if self._queue else (None, None)
         self._busy = False
+        self._queue = _EMPTY  # empty: the deque, if any, is freed
 
     async def _carry_on(
         self, steps: Generator[Any, None, Any] | Coroutine[Any, Any, Any], waiting_for: object, done: Done | None
@@ -323,13 +349,22 @@ class AsgiTransport:
             # an async view): queued in order, not waited for.
             self._submit(event, None)
             return True
-        self._handed_over.acquire()  # waits while the client is that far behind
+        handed_over = self._handed_over or self._make_handed_over()
+        handed_over.acquire()  # waits while the client is that far behind
         if not self._mailbox.post(self, event, self._handed_back):
-            self._handed_over.release()
+            handed_over.release()
             return False
         return True
 
+    def _make_handed_over(self) -> threading.BoundedSemaphore:
+        """The semaphore of the first send from a thread (an async view never needs one)."""
+        with _handed_over_lock:
+            if self._handed_over is None:
+                self._handed_over = threading.BoundedSemaphore(_HANDED_OVER)
+            return self._handed_over
+
     def _handed_back(self, ok: bool) -> None:
+        assert self._handed_over is not None  # posted by send(), which made it
         self._handed_over.release()
 
     def offer(self, frame: Frame) -> bool:
@@ -360,20 +395,22 @@ class AsgiTransport:
             self._progress = now
         verdict = offer_verdict(self._offered, now - self._progress, self._limits, self._offered_bytes)
         if verdict != "queued":
+            _metrics.overflowed(verdict)
             if verdict == "overflow" and self._link.begin_close() is not None:
                 self._spawn(self.aclose(*OVERFLOW_CLOSE))
             return False
         self._offered += 1
         self._offered_bytes += frame.size
-        self._submit(event, functools.partial(self._offer_sent, frame.size))
+        self._submit(event, functools.partial(self._offer_sent, frame))
         return True
 
     def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
         self._loop.create_task(coroutine)
 
-    def _offer_sent(self, size: int, ok: bool) -> None:
+    def _offer_sent(self, frame: Frame, ok: bool) -> None:
+        _metrics.written(frame)
         self._offered -= 1
-        self._offered_bytes -= size
+        self._offered_bytes -= frame.size
         self._progress = time.monotonic()
 
     async def aclose(self, code: int, reason: str) -> None:
@@ -409,7 +446,12 @@ class AsgiTransport:
         refusing = False  # closed for WEBSOCKET_RATE_LIMIT: nothing more is delivered
         try:
             while True:
-                event = await self._next_event()
+                # Nothing waits for room (the usual case): the server's receive()
+                # directly, with no _next_event coroutine kept by an idle connection.
+                if self._pending or self._receiving is not None:
+                    event = await self._next_event()
+                else:
+                    event = await self._receive()
                 kind = event["type"]
                 if kind == "websocket.disconnect":
                     code, reason = event.get("code", 1005), event.get("reason") or ""
@@ -433,6 +475,8 @@ class AsgiTransport:
                     await self.aclose(*RATE_CLOSE)
                     continue
                 if self._pending or not self._link.deliver_nowait(message):
+                    if self._pending is _EMPTY:
+                        self._pending = deque()
                     self._pending.append(message)  # the view's queue is full: see _next_event
                     self._pending_bytes += queued_size(message)
         except asyncio.CancelledError:
@@ -445,7 +489,7 @@ class AsgiTransport:
             if self._receiving is not None:
                 self._receiving.cancel()
                 self._receiving = None
-            self._pending.clear()  # nobody will take them: free them now
+            self._pending = _EMPTY  # nobody will take them: free them now
             self._pending_bytes = 0
             if self._gone is not None and not self._gone.done():
                 self._gone.set_result(None)
@@ -502,6 +546,8 @@ class AsgiTransport:
         """Move what waits in ``_pending`` into the view's queue while it has room."""
         while self._pending and self._link.deliver_nowait(self._pending[0]):
             self._pending_bytes -= queued_size(self._pending.popleft())
+        if not self._pending:
+            self._pending = _EMPTY
 
     async def afinish(self) -> None:
         """Close normally, then wait for the client's answer (bounded)."""

@@ -28,6 +28,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.http.response import HttpResponseBase
 
 from ... import conf
+from ... import metrics as _metrics
 from ...connection import Connection
 from ...handshake import HandshakeError, check_origin
 from ..opener import OPENER_KEY
@@ -109,6 +110,7 @@ def _admit(session: PollingSession, request: HttpRequest) -> HttpResponseBase | 
     connection = request.__dict__.get("websocket")
     if isinstance(connection, Connection) and not connection.admit(conf.get("WEBSOCKET_MAX_CONNECTIONS")):
         session.give_up()
+        _metrics.refused(503)
         return _error(503, _FULL)
     return None
 

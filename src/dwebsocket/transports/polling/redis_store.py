@@ -58,6 +58,7 @@ import redis.asyncio
 from asgiref.sync import sync_to_async
 
 from ... import _redis, conf
+from ... import metrics as _metrics
 from ...messages import Message
 from ..policy import OVERFLOW_CLOSE, Limits, Verdict, offer_verdict
 from . import wire
@@ -408,6 +409,8 @@ class _RedisOutbound:
         pushed = self._push(item, broadcast=True)
         if pushed == "full" or pushed == "closed":
             return "dropped"
+        if pushed != "queued":
+            _metrics.overflowed(pushed)
         return pushed
 
     def close(self, code: int, reason: str) -> None:

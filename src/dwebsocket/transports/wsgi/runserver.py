@@ -29,6 +29,7 @@ from django.core.servers import basehttp
 from django.utils import autoreload
 
 from ... import conf
+from ... import metrics as _metrics
 
 __all__ = ["WebSocketRequestHandler", "install"]
 
@@ -41,6 +42,7 @@ class WebSocketRequestHandler(basehttp.WSGIRequestHandler):
     def get_environ(self) -> dict[str, Any]:
         environ: dict[str, Any] = dict(super().get_environ())
         environ["dwebsocket.socket"] = self.request
+        _metrics.serving("runserver")
         environ["dwebsocket.release"] = self._release_websocket
         return environ
 

@@ -43,12 +43,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from wsproto.connection import Connection as Protocol
 from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping, Pong, TextMessage
 
 from ...connection import Link
+from ... import metrics as _metrics
 from ...messages import Frame, message_size
 from ...messages import Message as MessageData
 from .. import restart
@@ -67,6 +69,18 @@ _TCP_ESTABLISHED = 1  # tcpi_state in Linux's struct tcp_info
 
 class SocketTransport:
     """The transport of one connection over a blocking socket."""
+
+    # Slots: an idle connection keeps this object, and with more than 29
+    # attributes an instance __dict__ costs about 1.6 KiB (CPython stops sharing
+    # its keys), slots about 8 bytes each. An attribute not listed here still
+    # works (it goes into a __dict__ made on first use): list it here.
+    __slots__ = (
+        "__dict__", "__weakref__", "_close_sent_at", "_compressed", "_delivering", "_discarding",
+        "_ended", "_expired", "_fd", "_fd_nonblocking", "_is_shut_down", "_last_seen", "_limits",
+        "_link", "_lock", "_on_demand", "_outbox", "_parts", "_pending", "_ping_sent_at", "_poller",
+        "_protocol", "_pumped_at", "_rate", "_read_lock", "_reader", "_refusing", "_restarting",
+        "_size", "_sock", "_unparsed", "_view_reads", "tick",
+    )
 
     def __init__(
         self,
@@ -87,6 +101,7 @@ class SocketTransport:
         # the head of the outbox (a frame the socket took in part: its rest).
         self._lock = threading.Lock()
         self._protocol = protocol
+        _lighten(protocol)
         self._close_sent_at: float | None = None
         # Whether the view's thread and the hub read (epoll shared with the
         # hub), or a reader of the connection's own (gevent).
@@ -97,10 +112,10 @@ class SocketTransport:
         # _receive), so _pending holds at most one message, and _unparsed
         # says that wsproto still holds bytes to parse before the next read.
         self._read_lock = threading.Lock()
-        self._parts: list[str] | list[bytes] = []
+        self._parts: list[str] | list[bytes] = _NONE  # a list only while a message comes in pieces
         self._size = 0
         self._discarding = False
-        self._pending: deque[MessageData] = deque()
+        self._pending: list[MessageData] = _NONE  # at most one, in a list made when needed
         self._unparsed = False
         self._rate = RateMeter(limits)
         self._refusing = False  # closed for WEBSOCKET_RATE_LIMIT: nothing more is delivered
@@ -199,7 +214,7 @@ class SocketTransport:
                 if sent < len(data):
                     self._outbox.replace_head(data[sent:])
                     return False
-                self._outbox.take()
+                _metrics.written(self._outbox.take())
         finally:
             self._lock.release()
 
@@ -249,6 +264,7 @@ class SocketTransport:
             data = item if isinstance(item, bytes) else self._frame(item)
             if not self._write(data):
                 return False
+            _metrics.written(item)
 
     def _finish_head(self) -> bool:
         """Write the rest of a frame the socket took in part, so another may follow; hold ``_lock``."""
@@ -315,7 +331,7 @@ class SocketTransport:
         """
         self._view_reads = True
         hub.disarm(self)
-        self._pending.clear()
+        self._pending = _NONE
         while self._ended is None:
             if self._unparsed:  # what wsproto holds first (it parses one message a call: the queue is full)
                 _messages, ended = self._receive(None, feed=False)
@@ -510,6 +526,8 @@ class SocketTransport:
         messages, ended = self._receive(data or None, feed=data is not None)
         for message in messages:
             if self._pending or not self._link.deliver_nowait(message):
+                if self._pending is _NONE:
+                    self._pending = []
                 self._pending.append(message)  # the view's queue is full: stop reading
         if ended is not None:
             self._end(*ended)
@@ -520,7 +538,9 @@ class SocketTransport:
         while self._pending:
             if not self._link.deliver_nowait(self._pending[0]):
                 return False
-            self._pending.popleft()
+            self._pending.pop(0)
+        if not self._pending:
+            self._pending = _NONE
         return True
 
     def _end(self, code: int, reason: str) -> None:
@@ -531,7 +551,7 @@ class SocketTransport:
         hub.remove(self)
         restart.unregister(self)
         self._shutdown()
-        self._pending.clear()  # nobody will take them: free them now
+        self._pending = _NONE  # nobody will take them: free them now
         self._unparsed = False
         if self._expired is not None:
             code, reason = self._expired
@@ -642,17 +662,48 @@ class SocketTransport:
             limit = self._limits.max_message_size
             if limit is not None and self._size > limit:
                 self._discarding = True
-                self._parts = []
+                self._parts = _NONE
+            elif event.message_finished and not self._parts:  # a message in one frame: no list
+                self._size = 0
+                return data if isinstance(data, str) else bytes(data)
             else:
+                if self._parts is _NONE:
+                    self._parts = []
                 self._parts.append(data)  # type: ignore[arg-type]
         if not event.message_finished:
             return None
-        parts, self._parts, self._size = self._parts, [], 0
+        parts, self._parts, self._size = self._parts, _NONE, 0
         if self._discarding:
             return None
         if isinstance(data, str):
             return "".join(parts)  # type: ignore[arg-type]
         return b"".join(parts)  # type: ignore[arg-type]
+
+
+# The empty pending list and parts list of every connection: a tuple, never
+# appended to (a connection makes a list of its own when it needs one).
+_NONE: Any = ()
+
+
+class _Events(list):  # type: ignore[type-arg]
+    """wsproto's queue of parsed events, as a list: it holds one event at most
+    between two reads, and an empty list costs 56 bytes, an empty deque 760."""
+
+    __slots__ = ()
+
+    def popleft(self) -> object:
+        return self.pop(0)
+
+
+def _lighten(protocol: Protocol) -> None:
+    """Give a wsproto connection a smaller event queue, where it keeps an empty deque.
+
+    wsproto (1.x) only appends to its ``_events``, pops from the front and
+    tests it for emptiness; a version that keeps them otherwise is left as is.
+    """
+    events = getattr(protocol, "_events", None)
+    if type(events) is deque and not events:
+        protocol._events = _Events()  # type: ignore[assignment]
 
 
 def _outbox_size(item: Frame | bytes) -> int:

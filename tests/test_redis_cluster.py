@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import threading
 import time
 import urllib.request
@@ -341,3 +342,30 @@ def check_failover(sentinels: RedisSentinels, first: RunningServer, second: Runn
     member.close()
     for server in (first, second):
         assert "Traceback" not in server.log_text()
+
+
+def test_websocket_status_sees_both_processes_through_the_cluster(
+    on_cluster: tuple[RunningServer, RunningServer], cluster: RedisCluster,
+) -> None:
+    from .test_metrics import status_command
+
+    first, second = on_cluster
+    env = {"DWS_TEST_BROKER": cluster.url}
+    with ws_connect(first, "/group/status-a/") as a, ws_connect(second, "/async-group/status-b/") as b:
+        joined(a)
+        joined(b)
+        deadline = time.monotonic() + 20
+        while True:
+            done = status_command(env, "--json")
+            assert done.returncode == 0, done.stderr
+            found = json.loads(done.stdout)
+            groups = found["groups"]
+            if groups.get("status-a") == 1 and groups.get("status-b") == 1:
+                break
+            assert time.monotonic() < deadline, f"the status records did not show both processes: {found}"
+            time.sleep(0.5)
+        assert {p["server"] for p in found["processes"]} >= {"wsgi-thread", "asgi"}
+        assert found["broker"]["reachable"] and found["broker"]["redis_version"]
+        table = status_command(env)
+        assert table.returncode == 0, table.stderr
+        assert "Traceback" not in table.stderr

@@ -26,7 +26,7 @@ from .client import ws_connect
 from .servers import (
     RedisCluster, RedisSentinels, RunningServer, start_redis_cluster, start_redis_sentinels, start_server,
 )
-from .test_delivery import SessionClient, http_broadcast
+from .test_delivery import SessionClient, http_broadcast, recovers_on_another_process
 from .test_groups import joined, presence, wait_for
 from .test_polling import PollClient
 
@@ -138,26 +138,7 @@ def test_check_deploy_reaches_the_cluster_and_names_one_it_cannot(cluster: Redis
 def test_history_recovers_across_processes_through_the_cluster(
     on_cluster: tuple[RunningServer, RunningServer],
 ) -> None:
-    first, second = on_cluster
-    member = SessionClient(first, "/group/hist/").connect()
-    member.until_joined("hist")
-    assert member.recv()[1].startswith("joined ")
-    with ws_connect(second, "/async-group/hist/") as talker:
-        assert talker.recv(10).startswith("joined ")
-        talker.send("live")
-        assert member.recv()[1] == "live"
-        member.close()
-        for index in range(5):
-            talker.send(f"away {index}")
-        http_broadcast(first, "hist", 2, "http")
-        member.server = second
-        member.connect()
-        missed, confirmation = member.until_joined("hist")
-        got = [p for _, p in missed]
-        assert [p for p in got if p.startswith("away")] == [f"away {i}" for i in range(5)]
-        assert [p for p in got if p.startswith("http")] == ["http 0", "http 1"] and len(got) == 7
-        assert confirmation["r"] is True
-    member.close()
+    recovers_on_another_process(*on_cluster, "hist", away=5)
 
 
 def test_long_polling_sessions_live_in_the_cluster(

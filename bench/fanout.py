@@ -442,14 +442,20 @@ class Run:
 
 async def http_get(port: int, path: str, timeout: float) -> int:
     """A plain HTTP/1.1 GET on a connection of its own; returns the status."""
-    async def get() -> int:
+    return (await http_get_response(port, path, timeout))[0]
+
+
+async def http_get_response(port: int, path: str, timeout: float) -> tuple[int, bytes]:
+    """A plain HTTP/1.1 GET on a connection of its own; returns the status and the body."""
+    async def get() -> tuple[int, bytes]:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
             writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode())
             data = await reader.read()
         finally:
             writer.close()
-        return int(data.split(b" ", 2)[1])
+        head, _, body = data.partition(b"\r\n\r\n")
+        return int(head.split(b" ", 2)[1]), body
 
     return await asyncio.wait_for(get(), timeout)
 

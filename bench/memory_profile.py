@@ -25,24 +25,15 @@ import re
 import sys
 from contextlib import ExitStack
 
-from .fanout import BY_KEY, Run, register_servers, rss_kib, run_client, start_servers
+from .fanout import BY_KEY, Run, http_get_response, register_servers, rss_kib, run_client, start_servers
 
 
 async def http_get_text(port: int, path: str, timeout: float) -> str:
     """A plain HTTP/1.1 GET on a connection of its own; returns the body (raises unless 200)."""
-    async def get() -> str:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode())
-            data = await reader.read()
-        finally:
-            writer.close()
-        head, _, body = data.partition(b"\r\n\r\n")
-        if int(head.split(b" ", 2)[1]) != 200:
-            raise RuntimeError(f"GET {path}: {data[:300]!r}")
-        return body.decode()
-
-    return await asyncio.wait_for(get(), timeout)
+    status, body = await http_get_response(port, path, timeout)
+    if status != 200:
+        raise RuntimeError(f"GET {path}: {status} {body[:300]!r}")
+    return body.decode()
 
 
 async def session(servers, config, args) -> tuple[str, float]:

@@ -8,11 +8,13 @@
 #   scripts/test.sh                 # the whole matrix
 #   scripts/test.sh -k seed         # extra arguments go to pytest
 #   DWS_MATRIX="5.2:3.11" scripts/test.sh
+#   DWS_SERVERS=gthread,uvicorn scripts/test.sh   # server tests on these kinds only
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/_python.sh
 
 MATRIX=${DWS_MATRIX:-"4.2:3.10 5.2:3.11 6.0:3.13"}
+only_servers=${DWS_SERVERS:-}
 
 # Debian packages the tests start: redis-server (the Redis broker's tests; 7.0
 # or later for the Redis Cluster tests' sharded pub/sub), redis-cli (from
@@ -60,9 +62,17 @@ for entry in $MATRIX; do
     "wsproto $("$venv/bin/python" -c 'import wsproto; print(wsproto.__version__)')"
   # The Autobahn cases test the protocol, which does not change with Django:
   # they run once, with the LTS in the middle of the matrix.
+  # So do the tests of each server kind: the versions at the ends of the matrix
+  # run the server tests on one server of each family (the development server,
+  # gunicorn's threads, its gevent, and uvicorn for ASGI); the middle one runs
+  # them on all eight (uWSGI's two modes, daphne and hypercorn too).
   marker=()
-  if [ "$django" != "5.2" ] && [ -z "${DWS_MATRIX:-}" ]; then marker=(-m "not conformance"); fi
-  "$venv/bin/python" -m pytest "${marker[@]}" "$@" || status=$?
+  servers=$only_servers
+  if [ "$django" != "5.2" ] && [ -z "${DWS_MATRIX:-}" ]; then
+    marker=(-m "not conformance")
+    servers=${only_servers:-runserver,gthread,gevent,uvicorn}
+  fi
+  DWS_SERVERS="$servers" "$venv/bin/python" -m pytest --durations=25 "${marker[@]}" "$@" || status=$?
   if [ "$django" = "5.2" ]; then
     echo "=== mypy (the public API is typed; py.typed ships) and ruff (unused names, syntax)"
     "$venv/bin/python" -m pip install -q "mypy>=1.10" "django-stubs>=5" "ruff>=0.6"

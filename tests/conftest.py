@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import django
 import pytest
 
-from .servers import SERVERS, SRC, RunningServer, start_server
+from .servers import SERVERS, SRC, UNSUPPORTED, VARIANTS, RunningServer, start_server
 
 sys.path.insert(0, str(SRC))  # the code beside these tests, whatever the virtualenv has installed
 
@@ -22,8 +22,42 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "servers(*kinds): run the test only on these servers")
 
 
+#: Every server kind a test may be parametrized with.
+_KINDS = {*SERVERS, *UNSUPPORTED, *VARIANTS}
+
+
+def _only_servers() -> set[str] | None:
+    """``DWS_SERVERS`` (kinds, comma-separated): run the server tests on these only.
+
+    scripts/test.sh sets it for the Django versions at the ends of the matrix,
+    whose server tests then run on one server of each family; the middle
+    version runs every server. Unset: every server.
+    """
+    value = os.environ.get("DWS_SERVERS", "").strip()
+    if not value:
+        return None
+    kinds = {kind.strip() for kind in value.split(",") if kind.strip()}
+    unknown = kinds - _KINDS
+    if unknown:
+        raise pytest.UsageError(f"DWS_SERVERS names unknown server kinds: {', '.join(sorted(unknown))}")
+    return kinds
+
+
+def _kinds_in(params: dict[str, object]) -> set[str]:
+    """The server kinds a test instance's parameters name ("gthread+redis", ("gthread", "uvicorn"), ...)."""
+    found = set()
+    for value in params.values():
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        for one in values:
+            if isinstance(one, str):
+                found.update(token for token in one.split("+") if token in _KINDS)
+    return found
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Drop the instances of a @pytest.mark.servers test that are for other servers."""
+    """Drop the instances of a @pytest.mark.servers test that are for other servers,
+    and those for servers ``DWS_SERVERS`` leaves out."""
+    only = _only_servers()
     kept, dropped = [], []
     for item in items:
         marker = item.get_closest_marker("servers")
@@ -31,7 +65,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         kind = params.get("running_server")
         if kind is None and "polling_server" in params:  # "gthread+redis": the server's kind
             kind = params["polling_server"].partition("+")[0]
-        (dropped if marker and kind and kind not in marker.args else kept).append(item)
+        drop = bool(marker and kind and kind not in marker.args)
+        if only is not None and not _kinds_in(params) <= only:
+            drop = True
+        (dropped if drop else kept).append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = kept

@@ -16,7 +16,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -343,6 +343,14 @@ def _redis_process(args: list[str], cwd: Path) -> subprocess.Popen:
     )
 
 
+def _until(ready: Callable[[], bool], deadline: float, failure: str, pause: float = 0.1) -> None:
+    """Wait until *ready()* holds; :class:`RuntimeError` with *failure* once ``time.monotonic()`` passes *deadline*."""
+    while not ready():
+        if time.monotonic() > deadline:
+            raise RuntimeError(failure)
+        time.sleep(pause)
+
+
 def _redis_cli(port: int, *args: str, timeout: float = 10) -> str:
     """What ``redis-cli -p PORT ARGS`` printed ("" if it failed)."""
     try:
@@ -428,19 +436,16 @@ def start_redis_cluster(masters: int = 3, replicas: int = 1) -> Iterator[RedisCl
         else:
             raise ValueError("a cluster of 3 masters or more, or of 1 master without replicas")
         deadline = time.monotonic() + 30
-        while not all("cluster_state:ok" in _redis_cli(p, "CLUSTER", "INFO", timeout=2) for p in ports):
-            if time.monotonic() > deadline:
-                raise RuntimeError("the cluster did not reach cluster_state:ok within 30 s")
-            time.sleep(0.1)
+        _until(
+            lambda: all("cluster_state:ok" in _redis_cli(p, "CLUSTER", "INFO", timeout=2) for p in ports),
+            deadline, "the cluster did not reach cluster_state:ok within 30 s",
+        )
         # Each replica synced with its master (else it could not take over from it).
-        while not all(
+        _until(lambda: all(
             "role:master" in (info := _redis_cli(p, "INFO", "replication", timeout=2))
             or "master_link_status:up" in info
             for p in ports
-        ):
-            if time.monotonic() > deadline:
-                raise RuntimeError("the cluster's replicas did not sync within 30 s")
-            time.sleep(0.1)
+        ), deadline, "the cluster's replicas did not sync within 30 s")
         yield cluster
     finally:
         cluster.stop()
@@ -490,11 +495,10 @@ def start_redis_sentinels() -> Iterator[RedisSentinels]:
         found.servers[replica] = _redis_process(
             ["--port", str(replica), "--replicaof", "127.0.0.1", str(master), *base], directory
         )
-        deadline = time.monotonic() + 20
-        while "master_link_status:up" not in _redis_cli(replica, "INFO", "replication", timeout=2):
-            if time.monotonic() > deadline:
-                raise RuntimeError("the replica did not sync with the master within 20 s")
-            time.sleep(0.1)
+        _until(
+            lambda: "master_link_status:up" in _redis_cli(replica, "INFO", "replication", timeout=2),
+            time.monotonic() + 20, "the replica did not sync with the master within 20 s",
+        )
         for port in sentinel_ports:
             conf = directory / f"sentinel-{port}.conf"
             conf.write_text(
@@ -505,17 +509,13 @@ def start_redis_sentinels() -> Iterator[RedisSentinels]:
                 "sentinel parallel-syncs svc 1\n"
             )
             found.sentinels.append(_redis_process([str(conf), "--sentinel"], directory))
-        deadline = time.monotonic() + 20
         # Ready once every sentinel knows the replica and the other two sentinels.
-        while not all(
+        _until(lambda: all(
             "num-other-sentinels" in (info := _redis_cli(p, "SENTINEL", "master", "svc", timeout=2))
             and info.split("num-other-sentinels\n", 1)[1].split("\n", 1)[0].strip() == "2"
             and info.split("num-slaves\n", 1)[1].split("\n", 1)[0].strip() == "1"
             for p in sentinel_ports
-        ):
-            if time.monotonic() > deadline:
-                raise RuntimeError("the sentinels did not find each other and the replica within 20 s")
-            time.sleep(0.2)
+        ), time.monotonic() + 20, "the sentinels did not find each other and the replica within 20 s", pause=0.2)
         yield found
     finally:
         found.stop()

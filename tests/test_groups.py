@@ -112,16 +112,21 @@ def test_a_thread_broadcasting_while_the_event_loop_is_held_up_cuts_nobody(kind)
         assert "Traceback" not in running.log_text()
 
 
+def join_without_reading(stack: contextlib.ExitStack, running, group: str) -> socket.socket:
+    """A slow member of *group*: a raw client with a small receive buffer that joins and never reads."""
+    slow = stack.enter_context(socket.create_connection(("127.0.0.1", running.port)))
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.sendall(handshake_bytes(f"/group/{group}/"))
+    return slow
+
+
 @pytest.mark.parametrize("kind", ["gthread", "uwsgi-threads", "uvicorn"])
 def test_a_slow_member_does_not_slow_the_others(kind):
     group = "flood"
     with start_server(kind) as running, contextlib.ExitStack() as stack:
         fast = stack.enter_context(ws_connect(running, f"/group/{group}/"))
         joined(fast)
-        # The slow member: a raw client that joins and then never reads.
-        slow = stack.enter_context(socket.create_connection(("127.0.0.1", running.port)))
-        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        slow.sendall(handshake_bytes(f"/group/{group}/"))
+        join_without_reading(stack, running, group)
         wait_for(lambda: presence(running, group)["size"] == 2, what="2 members")
         # Two bursts of 200 messages of 50 kB (20 MB in all): each fits the fast
         # member's queue (WEBSOCKET_BROADCAST_QUEUE, 256), while the slow member,

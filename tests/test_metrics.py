@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,9 +18,8 @@ from websockets.exceptions import InvalidStatus
 
 from .client import ws_connect
 from .servers import ROOT, free_port, python_path, start_redis, start_server
-from .test_groups import joined, presence, wait_for
+from .test_groups import join_without_reading, joined, presence, wait_for
 from .test_polling import PollClient
-from .test_servers import handshake_bytes
 
 
 def scrape(server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -152,9 +150,7 @@ def test_a_member_too_slow_for_the_broadcasts_is_counted_as_closed():
             contextlib.ExitStack() as stack:
         fast = stack.enter_context(ws_connect(running, f"/group/{group}/"))
         joined(fast)
-        slow = stack.enter_context(socket.create_connection(("127.0.0.1", running.port)))
-        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        slow.sendall(handshake_bytes(f"/group/{group}/"))
+        join_without_reading(stack, running, group)
         wait_for(lambda: presence(running, group)["size"] == 2, what="2 members")
         for _ in range(10):
             assert running.get(f"/broadcast/{group}/?n=20&size=50000")[0] == 200

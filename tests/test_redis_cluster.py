@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import threading
 import time
 import urllib.request
@@ -27,7 +28,7 @@ from .client import ws_connect
 from .servers import (
     RedisCluster, RedisSentinels, RunningServer, start_redis_cluster, start_redis_sentinels, start_server,
 )
-from .test_delivery import SessionClient, http_broadcast
+from .test_delivery import SessionClient, http_broadcast, recovers_on_another_process
 from .test_groups import joined, presence, wait_for
 from .test_polling import PollClient
 
@@ -139,26 +140,7 @@ def test_check_deploy_reaches_the_cluster_and_names_one_it_cannot(cluster: Redis
 def test_history_recovers_across_processes_through_the_cluster(
     on_cluster: tuple[RunningServer, RunningServer],
 ) -> None:
-    first, second = on_cluster
-    member = SessionClient(first, "/group/hist/").connect()
-    member.until_joined("hist")
-    assert member.recv()[1].startswith("joined ")
-    with ws_connect(second, "/async-group/hist/") as talker:
-        assert talker.recv(10).startswith("joined ")
-        talker.send("live")
-        assert member.recv()[1] == "live"
-        member.close()
-        for index in range(5):
-            talker.send(f"away {index}")
-        http_broadcast(first, "hist", 2, "http")
-        member.server = second
-        member.connect()
-        missed, confirmation = member.until_joined("hist")
-        got = [p for _, p in missed]
-        assert [p for p in got if p.startswith("away")] == [f"away {i}" for i in range(5)]
-        assert [p for p in got if p.startswith("http")] == ["http 0", "http 1"] and len(got) == 7
-        assert confirmation["r"] is True
-    member.close()
+    recovers_on_another_process(*on_cluster, "hist", away=5)
 
 
 def test_long_polling_sessions_live_in_the_cluster(
@@ -349,3 +331,30 @@ def check_failover(sentinels: RedisSentinels, first: RunningServer, second: Runn
     member.close()
     for server in (first, second):
         assert "Traceback" not in server.log_text()
+
+
+def test_websocket_status_sees_both_processes_through_the_cluster(
+    on_cluster: tuple[RunningServer, RunningServer], cluster: RedisCluster,
+) -> None:
+    from .test_metrics import status_command
+
+    first, second = on_cluster
+    env = {"DWS_TEST_BROKER": cluster.url}
+    with ws_connect(first, "/group/status-a/") as a, ws_connect(second, "/async-group/status-b/") as b:
+        joined(a)
+        joined(b)
+        deadline = time.monotonic() + 20
+        while True:
+            done = status_command(env, "--json")
+            assert done.returncode == 0, done.stderr
+            found = json.loads(done.stdout)
+            groups = found["groups"]
+            if groups.get("status-a") == 1 and groups.get("status-b") == 1:
+                break
+            assert time.monotonic() < deadline, f"the status records did not show both processes: {found}"
+            time.sleep(0.5)
+        assert {p["server"] for p in found["processes"]} >= {"wsgi-thread", "asgi"}
+        assert found["broker"]["reachable"] and found["broker"]["redis_version"]
+        table = status_command(env)
+        assert table.returncode == 0, table.stderr
+        assert "Traceback" not in table.stderr

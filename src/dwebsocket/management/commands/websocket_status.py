@@ -67,17 +67,19 @@ class Command(BaseCommand):
 
 def _deployment(url: str) -> dict[str, Any]:
     """Every live process's record, and Redis's health; :class:`CommandError` if Redis does not answer."""
-    import redis
-
     client = _redis.client(url, _TIMEOUT)
+    cluster = _redis.is_cluster(url)
     try:
         started = time.monotonic()
         client.ping()
         latency = time.monotonic() - started
         info = client.info("server")
+        if cluster and "redis_version" not in info:  # one answer per node: any of them says the version
+            info = next((found for found in info.values() if isinstance(found, dict)), {})
         keys = sorted(client.scan_iter(match=f"{KEY_PREFIX}*", count=1000))
-        values = client.mget(keys) if keys else []
-    except redis.RedisError as exc:
+        # The records of a cluster live on every shard: one MGET per slot there.
+        values = (client.mget_nonatomic(keys) if cluster else client.mget(keys)) if keys else []
+    except _redis.ERRORS as exc:
         raise CommandError(
             f"Cannot reach Redis at WEBSOCKET_BROKER = {redact(url)!r}: {str(exc).rstrip('.')}. "
             "Start Redis or fix the setting."

@@ -338,5 +338,9 @@ def test_redis_lost_counts_publish_errors_and_its_return_a_reconnect():
             assert member.recv(timeout=10).startswith("msg ")  # this process's members still get them
         assert value(scrape(running), "dwebsocket_broker_publish_errors_total") == 3
         assert value(scrape(running), "dwebsocket_broker_reconnects_total") == 0
+        assert value(scrape(running), "dwebsocket_broker_outbox_total", outcome="published") == 0
         redis_server.start()
         eventually(running, lambda s: _assert_equal(value(s, "dwebsocket_broker_reconnects_total"), 1), timeout=20)
+        # the outbox publishes the three once Redis is back (docs/reliability.md)
+        eventually(running, lambda s: _assert_equal(
+            value(s, "dwebsocket_broker_outbox_total", outcome="published"), 3), timeout=20)

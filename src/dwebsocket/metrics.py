@@ -62,6 +62,7 @@ __all__ = [
     "Spec",
     "available",
     "broker_reconnected",
+    "outbox",
     "configure",
     "connection_closed",
     "connection_opened",
@@ -130,6 +131,9 @@ SPECS: tuple[Spec, ...] = (
     Spec("dwebsocket_broker_reconnects_total", "counter", "Times the Redis broker got Redis back after losing it."),
     Spec("dwebsocket_broker_publish_errors_total", "counter",
          "Broadcasts Redis did not take (only this process's members got them)."),
+    Spec("dwebsocket_broker_outbox_total", "counter",
+         "Broadcasts kept while Redis was unreachable (WEBSOCKET_OUTAGE_BUFFER): published once it "
+         "was back, or dropped (full: the bound; expired: older than WEBSOCKET_HISTORY_TTL).", ("outcome",)),
     Spec("dwebsocket_broadcast_lag_seconds", "histogram",
          "Seconds from a broadcast reaching this process (its broadcast() call, or its arrival from "
          "Redis) until it was written to its last member here."),
@@ -228,6 +232,12 @@ def broker_reconnected() -> None:
     """The Redis broker got Redis back after losing it."""
     if _enabled:
         _metrics["dwebsocket_broker_reconnects_total"].inc()
+
+
+def outbox(outcome: str, count: int = 1) -> None:
+    """*count* kept broadcasts were ``"published"``, or dropped (``"full"``, ``"expired"``)."""
+    if _enabled and count:
+        _metrics["dwebsocket_broker_outbox_total"].labels(outcome).inc(count)
 
 
 def publish_failed() -> None:

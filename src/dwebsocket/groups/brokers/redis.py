@@ -313,14 +313,14 @@ def _outbox_limit() -> int:
 
 
 class _Backoff:
-    """Waits between reconnection attempts: 0.1 s doubling up to 5 s, never more.
+    """Waits between reconnection attempts: 0.1 s doubling up to 2 s, never more.
 
     Each wait is drawn between half and all of the current step (jitter, so
     that the processes of a deployment do not all reconnect at once).
     """
 
     FIRST = 0.1
-    LAST = 5.0
+    LAST = 2.0
 
     def __init__(self) -> None:
         self._step = self.FIRST
@@ -588,9 +588,11 @@ class RedisBroker:
         while len(self._outbox) > limit:
             self._outbox.popleft()
             self._dropped_full += 1
+            _metrics.outbox("full")
         while self._outbox and self._outbox[0].kept_at < oldest:
             self._outbox.popleft()
             self._dropped_old += 1
+            _metrics.outbox("expired")
 
     def _kept_waiting(self) -> str:
         """``"drain"`` if Redis is reachable and kept broadcasts wait to be published (or are being
@@ -617,6 +619,7 @@ class RedisBroker:
                         self._trim(_outbox_limit())
                         return
                     self._republished += 1
+                _metrics.outbox("published")
             with self._lock:
                 if self._outbox or not (self._republished or self._dropped_full or self._dropped_old):
                     return

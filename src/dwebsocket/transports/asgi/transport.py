@@ -493,6 +493,11 @@ class AsgiTransport:
             self._pending_bytes = 0
             if self._gone is not None and not self._gone.done():
                 self._gone.set_result(None)
+            if restart.stopping():
+                # The server closed it for the stop (uvicorn sends 1012 without a
+                # reason), possibly before restart.py's closer got to it: the view
+                # sees what every view of a stopping process sees.
+                code, reason = restart.RESTART_CLOSE
             self._link.closed_with(code, reason)
 
     async def _next_event(self) -> dict[str, Any]:

@@ -2,9 +2,9 @@
 
     python -m bench.echo [--clients 100] [--duration 10] [--warmup 2] [--rounds 3] [--threads N] [--metrics]
 
-``--clients`` connections, held by one client process (the ``websockets``
-library's asyncio client, no permessage-deflate), each do sequential round
-trips: send a 32-byte text message, wait for it to come back, send the next.
+``--clients`` connections, held by one client process (picows on uvloop,
+the same load generator as bench/fanout.py; no permessage-deflate), each do
+sequential round trips: send a 32-byte text message, wait for it to come back, send the next.
 After ``--warmup`` seconds, the round trips completed in the next
 ``--duration`` seconds are counted and timed.
 
@@ -51,7 +51,8 @@ sys.path.insert(0, str(ROOT))
 from bench.fanout import cpu_seconds, rss_kib  # noqa: E402
 from tests.servers import PROJECTS, SERVERS, Project, RunningServer, no_control_socket, start_server  # noqa: E402
 
-import websockets  # noqa: E402
+from bench.fanout import run_client  # noqa: E402  (uvloop when installed)
+from picows import WSCloseCode, WSListener, WSMsgType, ws_connect  # noqa: E402
 
 MESSAGE_BYTES = 32
 REPLY_TIMEOUT = 30  # seconds a round trip may still take once the window closed
@@ -141,34 +142,65 @@ def payload(index: int) -> str:
     return f"echo {index:05d} ".ljust(MESSAGE_BYTES, ".")
 
 
-async def echo_loop(conn, message: str, window: Window) -> None:
-    """Sequential round trips on one connection until the window is done."""
-    while not window.done:
-        started = time.perf_counter()
-        await conn.send(message)
-        reply = await conn.recv()
-        elapsed = time.perf_counter() - started
-        if reply != message:
-            raise RuntimeError(f"echo mismatch: {reply!r}")
+class EchoClient(WSListener):
+    """One connection doing sequential round trips: each echo received sends the next message."""
+
+    def __init__(self, message: bytes, window: Window) -> None:
+        super().__init__()
+        self.message = message
+        self.window = window
+        self.transport = None
+        self.sent_at = 0.0
+        self.mismatches = 0
+        self.stopped = asyncio.get_running_loop().create_future()  # done once it stopped sending
+
+    def on_ws_connected(self, transport) -> None:
+        self.transport = transport
+
+    def send(self) -> None:
+        self.sent_at = time.perf_counter()
+        self.transport.send(WSMsgType.TEXT, self.message)
+
+    def on_ws_frame(self, transport, frame) -> None:
+        if frame.msg_type != WSMsgType.TEXT:
+            if frame.msg_type == WSMsgType.CLOSE:
+                transport.disconnect()
+            return
+        elapsed = time.perf_counter() - self.sent_at
+        if frame.get_payload_as_bytes() != self.message:
+            self.mismatches += 1
+        window = self.window
         if window.measuring:
             window.latencies.append(elapsed)
+        if window.done:
+            if not self.stopped.done():
+                self.stopped.set_result(None)
+            return
+        self.send()
+
+    def on_ws_disconnected(self, transport) -> None:
+        if not self.stopped.done():
+            self.stopped.set_exception(ConnectionError("disconnected"))
 
 
-async def connect_all(uri: str, count: int) -> list:
+async def connect_all(uri: str, count: int, window: Window) -> list[EchoClient]:
     """Connect in batches of 20, as bench/fanout.py does."""
-    conns = []
+    clients: list[EchoClient] = []
     for start in range(0, count, 20):
-        conns.extend(await asyncio.gather(
-            *(websockets.connect(uri, open_timeout=60, compression=None) for _ in range(min(20, count - start)))
+        batch = await asyncio.gather(*(
+            ws_connect(lambda i=i: EchoClient(payload(i).encode(), window), uri, websocket_handshake_timeout=60)
+            for i in range(start, min(start + 20, count))
         ))
-    return conns
+        clients.extend(client for _transport, client in batch)
+    return clients
 
 
 async def run_round(server: RunningServer, path: str, clients: int, warmup: float, duration: float) -> Round:
-    conns = await connect_all(server.ws + path, clients)
     window = Window()
-    tasks = [asyncio.create_task(echo_loop(c, payload(i), window)) for i, c in enumerate(conns)]
+    conns = await connect_all(server.ws + path, clients, window)
     try:
+        for conn in conns:
+            conn.send()
         await asyncio.sleep(warmup)
         loaded = rss_kib(server.process.pid)
         cpu_before = cpu_seconds(server.process.pid)
@@ -179,15 +211,17 @@ async def run_round(server: RunningServer, path: str, clients: int, warmup: floa
         elapsed = time.perf_counter() - started
         cpu = cpu_seconds(server.process.pid) - cpu_before
         window.done = True
-        finished, pending = await asyncio.wait(tasks, timeout=REPLY_TIMEOUT)
-        errors = len(pending) + sum(1 for t in finished if t.exception() is not None)
+        finished, pending = await asyncio.wait([c.stopped for c in conns], timeout=REPLY_TIMEOUT)
+        errors = len(pending) + sum(1 for f in finished if f.exception() is not None)
+        errors += sum(c.mismatches for c in conns)
         trips = len(window.latencies)
         return Round(trips / elapsed, window.latencies, loaded, errors, cpu * 1e6 / max(trips, 1))
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
+        for conn in conns:
+            if conn.transport is not None:
+                conn.transport.send_close(WSCloseCode.OK)
+                conn.transport.disconnect()
+        await asyncio.sleep(0.2)
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -229,7 +263,7 @@ def measure_all(args: argparse.Namespace) -> tuple[dict[str, dict[str, float]], 
                 if config.key in failures:
                     continue
                 try:
-                    result = asyncio.run(run_round(
+                    result = run_client(run_round(
                         servers[config.key], config.path, args.clients, args.warmup, args.duration))
                 except Exception as exc:  # a configuration that fails is reported, not fatal
                     failures[config.key] = f"round {number}: {exc!r}"
@@ -251,7 +285,7 @@ def measure_all(args: argparse.Namespace) -> tuple[dict[str, dict[str, float]], 
 
 def versions() -> str:
     names = ["Django", "uvicorn", "gunicorn", "wsproto", "channels", "flask", "flask-sock", "simple-websocket",
-             "websockets"]
+             "websockets", "picows"]
     found = []
     for name in names:
         try:

@@ -32,6 +32,7 @@ from django.test import RequestFactory
 from dwebsocket.connection import Connection
 from dwebsocket.handshake import Handshake
 from dwebsocket.transports.policy import Limits
+from dwebsocket.transports.wsgi.protocol import server_protocol
 from dwebsocket.transports.wsgi.transport import SocketTransport
 from wsproto.frame_protocol import FrameProtocol
 server, client = socket.socketpair()
@@ -39,7 +40,7 @@ request = RequestFactory().get("/", HTTP_UPGRADE="websocket", HTTP_CONNECTION="U
     HTTP_SEC_WEBSOCKET_KEY="dGhlIHNhbXBsZSBub25jZQ==", HTTP_SEC_WEBSOCKET_VERSION="13")
 hs = Handshake(request); hs.accept(None, compression=False)
 conn = Connection(Limits(ping_interval=None))
-t = SocketTransport(server, hs.connection.connection, conn._link)
+t = SocketTransport(server, server_protocol(hs.deflate, None), conn._link)
 conn._link.opened(t, t.pump); t.start()
 msg = "echo 00001 ".ljust(32, ".")
 frame = bytes(FrameProtocol(client=True, extensions=[]).send_data(msg, True))

@@ -55,11 +55,12 @@ for entry in $MATRIX; do
   fi
   "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
   pins=()
-  if [ "$django" = "4.2" ]; then pins=("redis==5.0.*" "wsproto==1.2.*"); fi  # the oldest supported
+  if [ "$django" = "4.2" ]; then pins=("redis==5.0.*" "wsproto==1.2.*" "websockets==14.*"); fi  # the oldest supported
   "$venv/bin/python" -m pip install -q -e . -r requirements/test.txt "Django~=$django.0" ${pins[@]+"${pins[@]}"}
   echo "=== Django $("$venv/bin/python" -m django --version) on Python $("$venv/bin/python" -c 'import platform; print(platform.python_version())')," \
     "redis-py $("$venv/bin/python" -c 'import redis; print(redis.__version__)')," \
-    "wsproto $("$venv/bin/python" -c 'import wsproto; print(wsproto.__version__)')"
+    "wsproto $("$venv/bin/python" -c 'import wsproto; print(wsproto.__version__)')," \
+    "websockets $("$venv/bin/python" -c 'import websockets; print(websockets.__version__)')"
   # The Autobahn cases test the protocol, which does not change with Django:
   # they run once, with the LTS in the middle of the matrix.
   # So do the tests of each server kind: the versions at the ends of the matrix

@@ -11,9 +11,7 @@ import base64
 import binascii
 import logging
 import re
-import zlib
 from collections.abc import Iterable, Sequence
-from typing import Any
 from urllib.parse import urlsplit
 
 import wsproto
@@ -24,7 +22,6 @@ from django.http.request import validate_host
 from django.utils.http import is_same_domain
 from wsproto.events import AcceptConnection, RejectConnection, Request
 from wsproto.extensions import Extension, PerMessageDeflate
-from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import RemoteProtocolError
 
 from . import conf
@@ -102,27 +99,25 @@ class Handshake:
         if not requests:  # pragma: no cover - wsproto yields one Request or raises
             raise HandshakeError(400, "Invalid WebSocket handshake.")
         self._request = requests[0]
+        #: The permessage-deflate parameters agreed on, once accepted (``None``: no compression).
+        self.deflate: PerMessageDeflate | None = None
 
     @property
     def offered_subprotocols(self) -> list[str]:
         """The subprotocols the client offered, in its order of preference."""
         return list(self._request.subprotocols)
 
-    def accept(
-        self, subprotocol: str | None, *, compression: bool, max_message_size: int | None = None
-    ) -> bytes:
+    def accept(self, subprotocol: str | None, *, compression: bool) -> bytes:
         """Return the bytes of the ``101 Switching Protocols`` response.
 
-        Afterwards :attr:`connection` frames and parses messages; with
-        *compression*, a compressed message that inflates past
-        *max_message_size* fails the connection with 1009.
+        Afterwards :attr:`deflate` is the permessage-deflate it agreed to
+        (with *compression* and an offer it could accept), or ``None``.
         """
-        extensions: list[Extension] = (
-            [_BoundedDeflate(max_message_size)] if compression else []
-        )
-        return self.connection.send(
-            AcceptConnection(subprotocol=subprotocol, extensions=extensions)
-        )
+        offered = _Deflate() if compression else None
+        extensions: list[Extension] = [offered] if offered is not None else []
+        answer = self.connection.send(AcceptConnection(subprotocol=subprotocol, extensions=extensions))
+        self.deflate = offered if offered is not None and offered.enabled() else None
+        return answer
 
 
 _HTTP_VERSION = re.compile(r"(?:HTTP/)?(\d+)(?:\.(\d+))?", re.IGNORECASE)
@@ -226,52 +221,26 @@ def check_server_handshake(request: HttpRequest, http_version: str | None) -> No
         )
 
 
-class _BoundedDeflate(PerMessageDeflate):
-    """permessage-deflate that stops inflating a message at the size limit.
+class _Deflate(PerMessageDeflate):
+    """permessage-deflate as negotiated here; websockets' extension then deflates and inflates
+    (``transports/wsgi/protocol.py``), bounding what a message inflates to by the size limit.
 
-    A few kilobytes of deflate can inflate to gigabytes (a "deflate bomb");
-    the reader's own size check only sees what inflating already produced, so
-    the bound has to be here: each frame inflates to at most the rest of the
-    message's allowance, plus one byte to tell "exactly at the limit" from
-    "over it".
+    An offer is declined (RFC 7692 section 5: the client may go on without
+    compression, or with another offer) when its parameters cannot be read,
+    or when it asks for ``server_max_window_bits=8``, which zlib cannot
+    compress with (it would use 9, which such a client cannot inflate).
     """
 
-    def __init__(self, max_message_size: int | None) -> None:
-        super().__init__()
-        self._max_message_size = max_message_size
-        self._inflated = 0  # of the message being received; owned by the reader
-
     def accept(self, offer: str) -> bool | None | str:
-        """Accept *offer*, or decline it (``None``) if its parameters cannot be read."""
-        if not _deflate_offer_ok(offer):
+        """Accept *offer*, or decline it (``None``)."""
+        probe = PerMessageDeflate()  # read on an extension of its own: a declined offer leaves nothing here
+        try:
+            probe.accept(offer)
+        except ValueError:
+            return None
+        if probe.server_max_window_bits < 9:
             return None
         return super().accept(offer)
-
-    def frame_inbound_payload_data(self, proto: Any, data: bytes) -> bytes | CloseReason:
-        limit = self._max_message_size
-        if limit is None or not (self._inbound_compressed and self._inbound_is_compressible):
-            return super().frame_inbound_payload_data(proto, data)
-        assert self._decompressor is not None
-        try:
-            inflated = self._decompressor.decompress(bytes(data), limit - self._inflated + 1)
-        except zlib.error:
-            return CloseReason.INVALID_FRAME_PAYLOAD_DATA
-        return self._count(inflated)
-
-    def frame_inbound_complete(self, proto: Any, fin: bool) -> bytes | CloseReason | None:
-        result = super().frame_inbound_complete(proto, fin)
-        if isinstance(result, bytes):
-            result = self._count(result)
-        if fin:
-            self._inflated = 0
-        return result
-
-    def _count(self, inflated: bytes) -> bytes | CloseReason:
-        self._inflated += len(inflated)
-        limit = self._max_message_size
-        if limit is not None and self._inflated > limit:
-            return CloseReason.MESSAGE_TOO_BIG
-        return inflated
 
 
 def check_origin(request: HttpRequest) -> None:

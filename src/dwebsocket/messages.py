@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol, Union
 
-from wsproto.frame_protocol import FrameProtocol
+from websockets.frames import Frame as _WireFrame
+from websockets.frames import Opcode
 
 from . import metrics as _metrics
 
@@ -161,5 +162,10 @@ class Frame:
     def data(self) -> bytes:
         """The unmasked, uncompressed server frame, built on first use."""
         if self._data is None:  # a race builds it twice, harmlessly
-            self._data = bytes(FrameProtocol(client=False, extensions=[]).send_data(self.message, True))
+            message = self.message
+            if isinstance(message, str):
+                wire = _WireFrame(Opcode.TEXT, message.encode())
+            else:
+                wire = _WireFrame(Opcode.BINARY, message)
+            self._data = wire.serialize(mask=False)
         return self._data

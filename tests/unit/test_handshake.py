@@ -8,13 +8,13 @@ import zlib
 
 import pytest
 from django.test import RequestFactory, override_settings
-from wsproto.events import BytesMessage, CloseConnection
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dwebsocket.handshake import Handshake, HandshakeError, check_origin, is_websocket_request, origin_allowed
 from dwebsocket.transports.asgi.transport import AsgiOpener
+from dwebsocket.transports.wsgi.protocol import server_protocol
 
 
 def from_origin(origin, host="127.0.0.1:8000", secure=False, **meta):
@@ -226,18 +226,17 @@ def compressed_frame(payload: bytes) -> bytes:
 
 
 def inflate_through(limit, frame):
-    """Feed *frame* in 64 KiB reads to an accepted server connection; (bytes seen, close code)."""
+    """Feed *frame* in 64 KiB reads to the protocol of an accepted connection; (bytes seen, close code)."""
     handshake = Handshake(handshake_request(HTTP_SEC_WEBSOCKET_EXTENSIONS="permessage-deflate"))
-    handshake.accept(None, compression=True, max_message_size=limit)
+    handshake.accept(None, compression=True)
+    protocol = server_protocol(handshake.deflate, limit)
     seen, code = 0, None
     for start in range(0, len(frame), 65536):
-        handshake.connection.receive_data(frame[start:start + 65536])
-        for event in handshake.connection.events():
-            if isinstance(event, BytesMessage):
-                seen += len(event.data)
-            elif isinstance(event, CloseConnection):
-                code = event.code
-        if code is not None:
+        protocol.receive_data(frame[start:start + 65536])
+        for received in protocol.events_received():
+            seen += len(received.data)
+        if protocol.close_sent is not None:
+            code = protocol.close_sent.code
             break
     return seen, code
 
@@ -249,6 +248,18 @@ def test_a_deflate_bomb_is_not_inflated_past_the_message_size_limit():
     seen, code = inflate_through(limit, bomb)
     assert code == 1009
     assert seen <= limit + 1
+
+
+def test_an_offer_of_server_max_window_bits_8_is_declined_for_the_next_one():
+    """zlib cannot deflate with an 8-bit window (it uses 9, which such a client cannot inflate)."""
+    offers = "permessage-deflate; server_max_window_bits=8, permessage-deflate; server_max_window_bits=10"
+    handshake = Handshake(handshake_request(HTTP_SEC_WEBSOCKET_EXTENSIONS=offers))
+    answer = handshake.accept(None, compression=True)
+    assert b"permessage-deflate; server_max_window_bits=10" in answer
+    assert handshake.deflate is not None and handshake.deflate.server_max_window_bits == 10
+    alone = Handshake(handshake_request(HTTP_SEC_WEBSOCKET_EXTENSIONS="permessage-deflate; server_max_window_bits=8"))
+    assert b"permessage-deflate" not in alone.accept(None, compression=True)
+    assert alone.deflate is None
 
 
 def test_a_compressed_message_at_the_limit_inflates_whole():

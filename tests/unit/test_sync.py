@@ -11,12 +11,9 @@ import tracemalloc
 import pytest
 from django.test import override_settings
 
-from wsproto import ConnectionType, WSConnection, events
-from wsproto.events import Request
 
 from dwebsocket.transports._sync import LightCondition
 from dwebsocket.transports.policy import Limits, Outbox, RateMeter
-from dwebsocket.transports.wsgi.transport import _Events, _lighten
 from tests.servers import SRC
 
 
@@ -208,21 +205,3 @@ def test_connections_without_a_rate_limit_share_one_stateless_meter():
     assert limited is not first and [limited.allow() for _ in range(3)] == [True, True, False]
 
 
-def test_a_lightened_wsproto_connection_still_parses_every_event():
-    server = WSConnection(ConnectionType.SERVER)
-    client = WSConnection(ConnectionType.CLIENT)
-    server.receive_data(client.send(Request(host="example.com", target="/")))
-    assert isinstance(next(server.events()), events.Request)
-    client.receive_data(server.send(events.AcceptConnection()))
-    list(client.events())
-    protocol = server.connection
-    assert protocol is not None
-    _lighten(protocol)
-    assert type(protocol._events) is _Events
-    data = client.send(events.TextMessage("one")) + client.send(events.BytesMessage(b"two"))
-    data += client.send(events.CloseConnection(code=1000))
-    server.receive_data(data)
-    got = list(server.events())
-    assert [type(e) for e in got] == [events.TextMessage, events.BytesMessage, events.CloseConnection]
-    server.receive_data(None)  # the peer vanished: wsproto appends to its queue itself
-    assert [type(e) for e in server.events()] == [events.CloseConnection]

@@ -14,6 +14,7 @@ from dwebsocket.connection import Connection
 from dwebsocket.handshake import Handshake
 from dwebsocket.messages import Frame
 from dwebsocket.transports.policy import Limits
+from dwebsocket.transports.wsgi.protocol import server_protocol
 from dwebsocket.transports.wsgi.transport import SocketTransport
 
 
@@ -28,7 +29,7 @@ def open_transport(limits: Limits) -> tuple[SocketTransport, socket.socket, Conn
     handshake = Handshake(request)
     handshake.accept(None, compression=False)
     connection = Connection(limits)
-    transport = SocketTransport(server, handshake.connection.connection, connection._link)
+    transport = SocketTransport(server, server_protocol(handshake.deflate, limits.max_message_size), connection._link)
     connection._link.opened(transport)
     transport.start()
     return transport, client, connection

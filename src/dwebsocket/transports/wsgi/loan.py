@@ -35,6 +35,7 @@ from django.http import HttpRequest, HttpResponse
 
 from ...connection import Link
 from ...handshake import Handshake, HandshakeError
+from .protocol import server_protocol
 from .transport import SocketTransport
 
 __all__ = ["SUPPORTED", "ReleasedResponse", "SocketLoan", "WsgiOpener", "borrow_socket", "gevent_patched"]
@@ -219,19 +220,15 @@ class WsgiOpener:
         assert self._handshake is not None and self._loan is not None
         limits = link.limits
         sock = self._loan.sock
-        answer = self._handshake.accept(
-            subprotocol, compression=limits.compression, max_message_size=limits.max_message_size
-        )
+        answer = self._handshake.accept(subprotocol, compression=limits.compression)
         try:
             prepare_socket(sock)
             sock.sendall(answer)
         except OSError:
             return None
-        compressed = b"permessage-deflate" in answer.lower()
-        protocol = self._handshake.connection.connection  # past the handshake: frames only
-        assert protocol is not None
+        protocol = server_protocol(self._handshake.deflate, limits.max_message_size)
         self._handshake = None  # its HTTP parser and request copy are not needed any more
-        transport = SocketTransport(sock, protocol, link, compressed)
+        transport = SocketTransport(sock, protocol, link)
         link.opened(transport, transport.pump)
         transport.start()
         return transport

@@ -1,9 +1,11 @@
-"""Drive a WebSocket over a socket that a WSGI server lent us, with wsproto.
+"""Drive a WebSocket over a socket that a WSGI server lent us, with websockets' sans-I/O protocol.
 
-wsproto does all of the protocol: framing, masking, fragmentation, UTF-8
-checks, ping/pong, the closing handshake and permessage-deflate. This module
-only moves bytes between it and the socket, and adds what a server needs to
-stay alive: a message size limit, keepalive pings and a close timeout.
+websockets does the protocol (``protocol.py``): framing, masking, ping/pong,
+the closing handshake, the message size limit and permessage-deflate. This
+module moves bytes between it and the socket, assembles messages from their
+frames (checking a text message's UTF-8 as its frames come), and adds what a
+server needs to stay alive: keepalive pings, a close timeout, the view's
+queue limits.
 
 Reading. A connection costs one thread, the view's. While the view waits
 for a message (``wait()``, ``read()``) it reads its own socket, in its own
@@ -21,7 +23,7 @@ it waits, and the hub's gevent watcher starts a short-lived greenlet to read
 while it does not. Where the hub cannot read at all (no ``epoll``, no
 gevent), a reader thread per connection reads instead.
 
-Writing. ``_lock`` guards the wsproto connection, every write to the socket
+Writing. ``_lock`` guards the protocol object, every write to the socket
 and the head of the outbox, so frames never interleave; any thread may send.
 A view's ``send()`` writes and waits for the socket, as a blocking write
 does. A broadcast never waits: it is written straight to the socket when the
@@ -35,23 +37,24 @@ connection ends and never closes its file descriptor (the server does, once).
 
 from __future__ import annotations
 
+import codecs
 import logging
 import os
 import select
 import socket
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from wsproto.connection import Connection as Protocol
-from wsproto.connection import ConnectionState
-from wsproto.events import BytesMessage, CloseConnection, Message, Ping, Pong, TextMessage
+from websockets.exceptions import PayloadTooBig
+from websockets.frames import Frame as Received
+from websockets.frames import Opcode
+from websockets.protocol import Protocol, State
 
 from ...connection import Link
 from ... import metrics as _metrics
-from ...messages import Frame, message_size
+from ...messages import Frame
 from ...messages import Message as MessageData
 from .. import restart
 from ..policy import OVERFLOW_CLOSE, RATE_CLOSE, Limits, Outbox, RateMeter, has_room, queued_size
@@ -65,6 +68,12 @@ _RECV_SIZE = 65536
 _LEFT_CHECK = 0.5  # seconds between two looks at a client, while its view's queue is full
 _HAND_BACK = 0.05  # seconds without a read before the view's socket goes back to the hub
 _TCP_ESTABLISHED = 1  # tcpi_state in Linux's struct tcp_info
+# Bytes of a compressed connection fed to the protocol at a time: parsing stops
+# once the view's queue is full, so what one feed inflates (about 1000 times
+# its size at most, each message bounded by the size limit) stays small.
+_DEFLATED_FEED = 1024
+_OPEN, _CLOSED = State.OPEN, State.CLOSED
+_TEXT, _BINARY, _CONT, _CLOSE = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.CLOSE
 
 
 class SocketTransport:
@@ -75,11 +84,11 @@ class SocketTransport:
     # its keys), slots about 8 bytes each. An attribute not listed here still
     # works (it goes into a __dict__ made on first use): list it here.
     __slots__ = (
-        "__dict__", "__weakref__", "_close_sent_at", "_compressed", "_delivering", "_discarding",
+        "__dict__", "__weakref__", "_close_sent_at", "_compressed", "_decoder", "_delivering",
         "_ended", "_expired", "_fd", "_fd_nonblocking", "_is_shut_down", "_last_seen", "_limits",
         "_link", "_lock", "_on_demand", "_outbox", "_parts", "_pending", "_ping_sent_at", "_poller",
         "_protocol", "_pumped_at", "_rate", "_read_lock", "_reader", "_refusing", "_restarting",
-        "_size", "_sock", "_unparsed", "_view_reads", "tick",
+        "_sock", "_unparsed", "_view_reads", "tick",
     )
 
     def __init__(
@@ -87,36 +96,33 @@ class SocketTransport:
         sock: socket.socket,
         protocol: Protocol,
         link: Link,
-        compressed: bool = False,
     ) -> None:
         self._sock = sock
         self._fd = sock.fileno()
         # Under gevent the descriptor is non-blocking and os.write() never waits;
         # a blocking one is written without waiting with MSG_DONTWAIT.
         self._fd_nonblocking = not os.get_blocking(self._fd)
-        self._compressed = compressed  # frames are per-connection deflated: no shared frames
+        self._compressed = bool(protocol.extensions)  # frames are deflated per connection: none shared
         self._link = link
         self._limits = limits = link.limits
-        # Guarded by _lock: the wsproto state machine, writes to the socket, and
+        # Guarded by _lock: the protocol (protocol.py), writes to the socket, and
         # the head of the outbox (a frame the socket took in part: its rest).
         self._lock = threading.Lock()
         self._protocol = protocol
-        _lighten(protocol)
         self._close_sent_at: float | None = None
         # Whether the view's thread and the hub read (epoll shared with the
         # hub), or a reader of the connection's own (gevent).
         self._on_demand = hub.reads
         # Guarded by _read_lock (see the module's docstring): the message being
-        # assembled, the parsed message the view's queue had no room for, the
-        # end. Parsing stops at the first message that finds no room (see
-        # _receive), so _pending holds at most one message, and _unparsed
-        # says that wsproto still holds bytes to parse before the next read.
+        # assembled, the parsed messages the view's queue had no room for, the
+        # end. Parsing stops once a message finds no room (see _receive), so
+        # _pending holds what one feed of the protocol parsed at most, and
+        # _unparsed what the socket gave that the protocol is not fed yet.
         self._read_lock = threading.Lock()
         self._parts: list[str] | list[bytes] = _NONE  # a list only while a message comes in pieces
-        self._size = 0
-        self._discarding = False
-        self._pending: list[MessageData] = _NONE  # at most one, in a list made when needed
-        self._unparsed = False
+        self._decoder: Any = None  # a text message's UTF-8 decoder, while it comes in pieces
+        self._pending: list[MessageData] = _NONE  # made when needed
+        self._unparsed = b""
         self._rate = RateMeter(limits)
         self._refusing = False  # closed for WEBSOCKET_RATE_LIMIT: nothing more is delivered
         self._ended: tuple[int, str] | None = None
@@ -160,9 +166,14 @@ class SocketTransport:
 
     def send(self, message: MessageData) -> bool:
         with self._lock:
-            if self._protocol.state is not ConnectionState.OPEN:
+            protocol = self._protocol
+            if protocol.state is not _OPEN:
                 return False
-            if self._drain() and self._write(self._protocol.send(Message(data=message))):  # type: ignore[type-var]
+            if isinstance(message, str):
+                protocol.send_text(message.encode())
+            else:
+                protocol.send_binary(message)
+            if self._drain() and self._write(self._framed()):
                 return True
         # The client is gone: say so now (close_code), not when the reader notices.
         self._link.closed_with(*(self._expired or (1006, "")))
@@ -171,7 +182,7 @@ class SocketTransport:
     def offer(self, frame: Frame) -> bool:
         if self._lock.acquire(blocking=False):
             try:
-                if self._protocol.state is not ConnectionState.OPEN:
+                if self._protocol.state is not _OPEN:
                     return False
                 if self._outbox.is_empty():  # nothing waits before it: straight to the socket
                     data = self._frame(frame)
@@ -202,7 +213,7 @@ class SocketTransport:
                 item = self._outbox.peek()
                 if item is None:
                     return True
-                if isinstance(item, Frame) and self._protocol.state is not ConnectionState.OPEN:
+                if isinstance(item, Frame) and self._protocol.state is not _OPEN:
                     self._outbox.take_all()  # closing: nothing goes after the close frame
                     return True
                 data = item if isinstance(item, bytes) else self._frame(item)
@@ -228,10 +239,10 @@ class SocketTransport:
         if self._lock.acquire(blocking=False):
             try:
                 head = self._outbox.peek()
-                if self._protocol.state is ConnectionState.OPEN and not isinstance(head, bytes):
+                if self._protocol.state is _OPEN and not isinstance(head, bytes):
                     # The close frame goes out if the socket takes it at once.
-                    code, reason = OVERFLOW_CLOSE
-                    self._send_now(self._protocol.send(CloseConnection(code=code, reason=reason)))
+                    self._protocol.send_close(*OVERFLOW_CLOSE)
+                    self._send_now(self._framed())
             finally:
                 self._lock.release()
         self._shutdown()
@@ -239,8 +250,18 @@ class SocketTransport:
     def _frame(self, frame: Frame) -> bytes:
         """The bytes of a broadcast for this client; call with ``_lock`` held."""
         if self._compressed:  # deflated with this connection's own context
-            return self._protocol.send(Message(data=frame.message))  # type: ignore[type-var]
+            message = frame.message
+            if isinstance(message, str):
+                self._protocol.send_text(message.encode())
+            else:
+                self._protocol.send_binary(message)
+            return self._framed()
         return frame.data  # built once for every member of the broadcast
+
+    def _framed(self) -> bytes:
+        """What the protocol framed since it was last asked; hold ``_lock``."""
+        writes = self._protocol.data_to_send()
+        return writes[0] if len(writes) == 1 else b"".join(writes)
 
     def _send_now(self, data: bytes) -> int:
         """Write what the socket takes without waiting; -1 if the peer is gone. Hold ``_lock``."""
@@ -286,10 +307,11 @@ class SocketTransport:
         if self._restarting:  # the server stops: whoever closes first says so
             code, reason = restart.RESTART_CLOSE
         with self._lock:
-            if self._protocol.state is ConnectionState.OPEN:
+            if self._protocol.state is _OPEN:
                 self._close_sent_at = time.monotonic()
+                self._protocol.send_close(code, reason)
                 if self._drain():  # what was sent before the close arrives before it
-                    self._write(self._protocol.send(CloseConnection(code=code, reason=reason)))
+                    self._write(self._framed())
 
     def begin_restart(self) -> None:
         """From restart.py's closer: the view sees 1012 now; the hub's clock ends the
@@ -333,7 +355,7 @@ class SocketTransport:
         hub.disarm(self)
         self._pending = _NONE
         while self._ended is None:
-            if self._unparsed:  # what wsproto holds first (it parses one message a call: the queue is full)
+            if self._unparsed:  # what the protocol is not fed yet first (the queue was full)
                 _messages, ended = self._receive(None, feed=False)
             else:
                 data = self._recv(deadline)
@@ -395,8 +417,9 @@ class SocketTransport:
             if self._lock.acquire(blocking=False):
                 try:
                     head = self._outbox.peek()
-                    if self._protocol.state is ConnectionState.OPEN and not isinstance(head, bytes):
-                        ping = self._protocol.send(Ping(payload=b"dwebsocket"))
+                    if self._protocol.state is _OPEN and not isinstance(head, bytes):
+                        self._protocol.send_ping(b"dwebsocket")
+                        ping = self._framed()
                         sent = self._send_now(ping)
                         if 0 <= sent < len(ping):
                             self._outbox.push_front(ping[sent:])
@@ -435,7 +458,7 @@ class SocketTransport:
                 if self._link.queued():
                     return  # what waited is the view's now
             while self._ended is None and not self._pending:
-                if self._unparsed:  # what wsproto holds comes before any new read
+                if self._unparsed:  # what the protocol is not fed yet comes before any new read
                     if self._take(None):
                         return
                     continue
@@ -481,7 +504,7 @@ class SocketTransport:
                 if hangup:  # the view is behind and its client left: let it go
                     self._end(1006, "")
                 return
-            if self._unparsed:  # the view made room: parse what wsproto holds first
+            if self._unparsed:  # the view made room: feed the protocol what waits first
                 self._take(None)
             else:
                 data = self._recv(0.0)
@@ -492,7 +515,7 @@ class SocketTransport:
             self._end(1011, "")
         finally:
             rearm = self._ended is None and not self._view_reads
-            stalled = bool(self._pending) or self._unparsed
+            stalled = bool(self._pending or self._unparsed)
             self._read_lock.release()
         if rearm:
             hub.arm(self, hangup_only=stalled)
@@ -518,7 +541,7 @@ class SocketTransport:
             return b""
 
     def _take(self, data: bytes | None) -> bool:
-        """Parse *data* (``b""``: the client is gone; ``None``: only what wsproto holds) and queue
+        """Parse *data* (``b""``: the client is gone; ``None``: only what waits unfed) and queue
         what it completes; hold ``_read_lock``. Whether anything came of it."""
         if data is not None:
             self._last_seen = time.monotonic()
@@ -552,7 +575,7 @@ class SocketTransport:
         restart.unregister(self)
         self._shutdown()
         self._pending = _NONE  # nobody will take them: free them now
-        self._unparsed = False
+        self._unparsed = b""
         if self._expired is not None:
             code, reason = self._expired
         self._link.closed_with(code, reason)
@@ -562,7 +585,7 @@ class SocketTransport:
         code, reason = 1006, ""
         try:
             while True:
-                if self._unparsed:  # what wsproto still holds comes before any new read
+                if self._unparsed:  # what the protocol is not fed yet comes before any new read
                     messages, ended = self._receive(None, feed=False)
                 else:
                     data = self._sock.recv(_RECV_SIZE)
@@ -592,14 +615,15 @@ class SocketTransport:
     def _receive(
         self, data: bytes | None, feed: bool = True
     ) -> tuple[list[MessageData], tuple[int, str] | None]:
-        """Feed *data* to wsproto (``None``: the end) and act on what it parsed, in order.
+        """Feed the protocol *data* (``None``: the end) and act on what it parsed, in order.
 
-        With *feed* false, only parse what wsproto already holds. Parsing
-        stops at the first complete message the view's queue has no room for
+        With *feed* false, only feed what waits in ``_unparsed``. Feeding
+        stops once a complete message finds no room in the view's queue
         (WEBSOCKET_MAX_QUEUE, WEBSOCKET_MAX_QUEUE_BYTES, by a snapshot taken
         first: only the view takes messages away, so the room only grows):
-        the rest stays compressed in wsproto's buffer (``_unparsed``), so a
-        few kilobytes of deflate cannot inflate into more than that message.
+        the rest waits in ``_unparsed``, as the socket gave it. A compressed
+        connection is fed ``_DEFLATED_FEED`` bytes at a time, so a few
+        kilobytes of deflate cannot inflate into many messages at once.
         """
         messages: list[MessageData] = []
         ended: tuple[int, str] | None = None
@@ -607,103 +631,103 @@ class SocketTransport:
         count, size = self._link.load()
         with self._lock:
             protocol = self._protocol
-            if protocol.state is ConnectionState.CLOSED:
-                self._unparsed = False
+            if protocol.state is _CLOSED:
+                self._unparsed = b""
                 return messages, (1006, "")  # bytes after the closing handshake: nothing to read
-            if feed:
-                protocol.receive_data(data)
-            self._unparsed = False
-            out = bytearray()
-            for event in protocol.events():
-                if isinstance(event, (TextMessage, BytesMessage)):
-                    message = self._collect(event)
-                    if message is not None and self._refusing:
-                        pass  # closed for the rate limit: the client's answer is all that counts now
-                    elif message is not None and not self._rate.allow():
-                        self._refusing = True
-                        if protocol.state is ConnectionState.OPEN:
-                            self._close_sent_at = time.monotonic()
-                            out += protocol.send(CloseConnection(code=RATE_CLOSE[0], reason=RATE_CLOSE[1]))
-                    elif message is not None:
+            if feed and data is not None and self._unparsed:
+                data = self._unparsed + data
+            elif not feed:
+                data = self._unparsed
+            self._unparsed = b""
+            if data is None:
+                protocol.receive_eof()
+                data = b""
+            step = _DEFLATED_FEED if self._compressed else len(data)
+            fed = 0
+            full = False
+            while True:
+                if data:
+                    protocol.receive_data(data if step >= len(data) else data[fed:fed + step])
+                    fed += step
+                events: list[Any] = protocol.events_received()  # frames only, past the handshake
+                for frame in events:
+                    opcode = frame.opcode
+                    if opcode is _TEXT or opcode is _BINARY or opcode is _CONT:
+                        try:
+                            message = self._collect(frame)
+                        except UnicodeDecodeError:
+                            protocol.fail(1007, "invalid UTF-8")
+                            ended = 1007, "invalid UTF-8"
+                            break
+                        if message is None or self._refusing:
+                            continue  # a piece, or closed for the rate limit: only the client's answer counts now
+                        if not self._rate.allow():
+                            self._refusing = True
+                            if protocol.state is _OPEN:
+                                self._close_sent_at = time.monotonic()
+                                protocol.send_close(*RATE_CLOSE)
+                            continue
                         messages.append(message)
                         adding = queued_size(message)
                         if not has_room(count, size, adding, limits.max_queue, limits.max_queue_bytes):
-                            self._unparsed = True  # this one waits in _pending; the rest stays unparsed
-                            break
+                            full = True  # this one waits in _pending; what is not fed yet, in _unparsed
                         count, size = count + 1, size + adding
-                    elif self._discarding and protocol.state is ConnectionState.OPEN:
-                        self._close_sent_at = time.monotonic()
-                        out += protocol.send(CloseConnection(code=1009, reason="message too big"))
-                elif isinstance(event, Ping):
-                    if protocol.state is ConnectionState.OPEN:
-                        out += protocol.send(event.response())
-                elif isinstance(event, Pong):
-                    pass  # any traffic, pongs included, resets the keepalive clock
-                elif isinstance(event, CloseConnection):
-                    if protocol.state is ConnectionState.REMOTE_CLOSING:
-                        out += protocol.send(event.response())  # the client closed first
-                    elif protocol.state is ConnectionState.OPEN:
-                        # wsproto found a protocol error: fail the connection.
-                        reason = "message too big" if event.code == 1009 else event.reason
-                        out += protocol.send(CloseConnection(code=event.code, reason=reason))
-                        ended = event.code, reason or ""
+                    elif opcode is _CLOSE:  # the protocol echoed it if the client closed first
+                        close = protocol.close_rcvd
+                        ended = (close.code, close.reason) if close is not None else (1005, "")
                         break
-                    ended = event.code, event.reason or ""
+                    # pings are answered by the protocol; any traffic resets the keepalive clock
+                if ended is None and protocol.parser_exc is not None:
+                    ended = _failure(protocol)
+                if full or ended is not None or fed >= len(data):
                     break
-            if out and self._finish_head():
-                self._write(bytes(out))
+            if fed < len(data) and ended is None:
+                self._unparsed = data[fed:]
+            out = protocol.data_to_send()
+            if out:
+                out_bytes = out[0] if len(out) == 1 else b"".join(out)
+                if out_bytes and self._finish_head():
+                    self._write(out_bytes)
         return messages, ended
 
-    def _collect(self, event: TextMessage | BytesMessage) -> MessageData | None:
-        """Add a piece of a message; return the message once it is complete."""
-        data = event.data
-        if not self._discarding:
-            self._size += message_size(data)
-            limit = self._limits.max_message_size
-            if limit is not None and self._size > limit:
-                self._discarding = True
-                self._parts = _NONE
-            elif event.message_finished and not self._parts:  # a message in one frame: no list
-                self._size = 0
-                return data if isinstance(data, str) else bytes(data)
-            else:
-                if self._parts is _NONE:
-                    self._parts = []
-                self._parts.append(data)  # type: ignore[arg-type]
-        if not event.message_finished:
+    def _collect(self, frame: Received) -> MessageData | None:
+        """Add a frame of a message; return the message once it is complete.
+
+        Raises ``UnicodeDecodeError`` as soon as a text message's frames are
+        not UTF-8. The protocol refused any message over the size limit.
+        """
+        if frame.opcode is not _CONT:
+            if frame.fin:  # a message in one frame: no list
+                return str(frame.data, "utf-8") if frame.opcode is _TEXT else bytes(frame.data)
+            self._parts = []
+            self._decoder = _utf8_decoder() if frame.opcode is _TEXT else None
+        decoder = self._decoder
+        self._parts.append(decoder.decode(frame.data, frame.fin) if decoder else bytes(frame.data))  # type: ignore[arg-type]
+        if not frame.fin:
             return None
-        parts, self._parts, self._size = self._parts, _NONE, 0
-        if self._discarding:
-            return None
-        if isinstance(data, str):
+        parts, self._parts, self._decoder = self._parts, _NONE, None
+        if decoder is not None:
             return "".join(parts)  # type: ignore[arg-type]
         return b"".join(parts)  # type: ignore[arg-type]
+
+
+def _failure(protocol: Protocol) -> tuple[int, str]:
+    """What the view sees when the protocol failed the connection (its close frame is sent)."""
+    error = protocol.parser_exc
+    if isinstance(error, PayloadTooBig):
+        return 1009, "message too big"
+    close = protocol.close_sent
+    if close is None or isinstance(error, EOFError):  # the client is gone: no close frame
+        return 1006, ""
+    return close.code, close.reason
+
+
+_utf8_decoder = codecs.getincrementaldecoder("utf-8")
 
 
 # The empty pending list and parts list of every connection: a tuple, never
 # appended to (a connection makes a list of its own when it needs one).
 _NONE: Any = ()
-
-
-class _Events(list):  # type: ignore[type-arg]
-    """wsproto's queue of parsed events, as a list: it holds one event at most
-    between two reads, and an empty list costs 56 bytes, an empty deque 760."""
-
-    __slots__ = ()
-
-    def popleft(self) -> object:
-        return self.pop(0)
-
-
-def _lighten(protocol: Protocol) -> None:
-    """Give a wsproto connection a smaller event queue, where it keeps an empty deque.
-
-    wsproto (1.x) only appends to its ``_events``, pops from the front and
-    tests it for emptiness; a version that keeps them otherwise is left as is.
-    """
-    events = getattr(protocol, "_events", None)
-    if type(events) is deque and not events:
-        protocol._events = _Events()  # type: ignore[assignment]
 
 
 def _outbox_size(item: Frame | bytes) -> int:

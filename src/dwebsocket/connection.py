@@ -272,8 +272,11 @@ class Connection:
             self._pump = None
 
     def _open_transport(self) -> Transport | None:
-        with self._cond:
-            return self._transport if self._state == OPEN else None
+        # Read without _cond (two attribute reads, each atomic; this is on every
+        # send): a transport seen while the state turns to CLOSING refuses the
+        # send itself, as it checks its own state under its own lock.
+        transport = self._transport
+        return transport if self._state == OPEN else None
 
     # -- the public API -------------------------------------------------------
 
@@ -538,8 +541,10 @@ class Link:
         c = self._ref()
         if c is None:
             return 0, 0
-        with c._cond:
-            return len(c._messages), c._queued_bytes
+        # Read without _cond: only the view takes messages away meanwhile, and
+        # _pop lowers the count before the bytes, so whichever moment each read
+        # sees, the snapshot never shows more room than there is.
+        return len(c._messages), c._queued_bytes
 
     def listen(self, listener: Callable[[], object]) -> Callable[[], None]:
         """Call *listener* on every change of the queue or state; returns the undo."""

@@ -8,6 +8,7 @@ a :class:`Member`: a connection id and the broadcasts offered to it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -138,8 +139,22 @@ def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> Non
         time.sleep(0.02)
 
 
-def subscribed(url: str, channel: str) -> bool:
-    return bool(redis.Redis.from_url(url).pubsub_numsub(channel)[0][1])
+def subscribed(url: str, channel: str, count: int = 1) -> bool:
+    return bool(redis.Redis.from_url(url).pubsub_numsub(channel)[0][1] >= count)
+
+
+@contextlib.contextmanager
+def member_on_each_side(redis_server: RedisServer, process: Process, group: str) -> Iterator[tuple[Member, Member]]:
+    """A member of *group* in *process*, and one in another process's broker on the same Redis; both subscribed."""
+    local, remote = Member("local"), Member("remote")
+    process.join(group, local)
+    other = Process(redis_server.url)
+    try:
+        other.join(group, remote)
+        wait_until(lambda: subscribed(redis_server.url, f"dwebsocket:group:{group}", 2), what="both subscriptions")
+        yield local, remote
+    finally:
+        other.broker.stop()
 
 
 # -- payloads ---------------------------------------------------------------------------
@@ -180,13 +195,7 @@ def test_no_field_of_a_broadcast_can_rewrite_it(redis_server, process):
 
 
 def test_after_an_outage_no_broadcast_is_lost_to_the_publishers_own_members(redis_server, process, logs):
-    local, remote = Member("local"), Member("remote")
-    process.join("live", local)
-    other = Process(redis_server.url)  # another process's broker, on the same Redis
-    try:
-        other.join("live", remote)
-        wait_until(lambda: redis.Redis.from_url(redis_server.url).pubsub_numsub("dwebsocket:group:live")[0][1] == 2,
-                   what="both subscriptions")
+    with member_on_each_side(redis_server, process, "live") as (local, remote):
         process.broker.publish("live", "before", None)
         assert local.wait_for(1) == ["before"] and remote.wait_for(1) == ["before"]
 
@@ -211,8 +220,6 @@ def test_after_an_outage_no_broadcast_is_lost_to_the_publishers_own_members(redi
         assert remote.wait_for(23, timeout=20) == ["before", "during", *sent, "through Redis"]
         remote.nothing_more(23)
         local.nothing_more(23)
-    finally:
-        other.broker.stop()
     assert logs.count("lost Redis") == 2  # one line per broker, not one per attempt
     assert logs.count("' is back.") == 2
     assert logs.count("published 22 broadcast(s) kept while Redis was unreachable; dropped 0") == 1  # "through Redis" too: it came within _DRAIN_DELAY
@@ -224,12 +231,7 @@ def test_the_outbox_publishes_an_outage_late_in_order_and_its_bound_drops_the_ol
 ):
     settings.WEBSOCKET_OUTAGE_BUFFER = 5
     settings.WEBSOCKET_HISTORY_SIZE = history
-    local, remote = Member("local"), Member("remote")
-    process.join("box", local)
-    other = Process(redis_server.url)
-    try:
-        other.join("box", remote)
-        wait_until(lambda: subscribed(redis_server.url, "dwebsocket:group:box"), what="the subscriptions")
+    with member_on_each_side(redis_server, process, "box") as (local, remote):
         before = process.broker.position("box")
         redis_server.stop()
         sent = [f"during {n}" for n in range(8)]
@@ -255,18 +257,11 @@ def test_the_outbox_publishes_an_outage_late_in_order_and_its_bound_drops_the_ol
             assert [e.position.seq for e in recovered.entries] == [1, 2, 3, 4, 5]
         else:
             assert process.broker.position("box") is None
-    finally:
-        other.broker.stop()
 
 
 def test_an_outbox_of_0_keeps_nothing_and_old_broadcasts_are_dropped(redis_server, process, logs, settings):
     settings.WEBSOCKET_OUTAGE_BUFFER = 0
-    local, remote = Member("local"), Member("remote")
-    process.join("none", local)
-    other = Process(redis_server.url)
-    try:
-        other.join("none", remote)
-        wait_until(lambda: subscribed(redis_server.url, "dwebsocket:group:none"), what="the subscriptions")
+    with member_on_each_side(redis_server, process, "none") as (local, remote):
         redis_server.stop()
         process.broker.publish("none", "lost", None)
         assert local.wait_for(1) == ["lost"]
@@ -282,8 +277,6 @@ def test_an_outbox_of_0_keeps_nothing_and_old_broadcasts_are_dropped(redis_serve
         assert local.wait_for(3) == ["lost", "too old", "kept"]
         assert logs.count("published 1 broadcast(s) kept while Redis was unreachable; dropped 0 "
                           "(WEBSOCKET_OUTAGE_BUFFER full) and 1 (older than WEBSOCKET_HISTORY_TTL)") == 1
-    finally:
-        other.broker.stop()
 
 
 def test_redis_is_back_is_logged_only_after_it_answered(logs):

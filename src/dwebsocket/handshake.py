@@ -175,19 +175,25 @@ def _check_key(request: HttpRequest) -> None:
         )
 
 
-def _deflate_offer_ok(offer: str) -> bool:
-    """Whether wsproto can read a ``permessage-deflate`` *offer* (its numbers are numbers).
+def _read_deflate_offer(offer: str) -> PerMessageDeflate | None:
+    """A ``permessage-deflate`` *offer* as wsproto reads it; ``None`` if it cannot (a number is not one).
 
     RFC 7692 section 5: a server declines an offer with a parameter value it
     cannot accept; wsproto raises ``ValueError`` instead for one that is not
-    an integer (``client_max_window_bits=abc``). Tried on an extension of its
+    an integer (``client_max_window_bits=abc``). Read on an extension of its
     own, so that a bad offer leaves nothing behind on the one in use.
     """
+    probe = PerMessageDeflate()
     try:
-        PerMessageDeflate().accept(offer)
+        probe.accept(offer)
     except ValueError:
-        return False
-    return True
+        return None
+    return probe
+
+
+def _deflate_offer_ok(offer: str) -> bool:
+    """Whether wsproto can read a ``permessage-deflate`` *offer*."""
+    return _read_deflate_offer(offer) is not None
 
 
 def _bad_deflate_offers(request: HttpRequest) -> list[str]:
@@ -233,12 +239,8 @@ class _Deflate(PerMessageDeflate):
 
     def accept(self, offer: str) -> bool | None | str:
         """Accept *offer*, or decline it (``None``)."""
-        probe = PerMessageDeflate()  # read on an extension of its own: a declined offer leaves nothing here
-        try:
-            probe.accept(offer)
-        except ValueError:
-            return None
-        if probe.server_max_window_bits < 9:
+        probe = _read_deflate_offer(offer)
+        if probe is None or probe.server_max_window_bits < 9:
             return None
         return super().accept(offer)
 

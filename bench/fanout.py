@@ -15,6 +15,8 @@ uvicorn            dwebsocket, async view (``await ws.join("bench"); await ws.wa
 flask-gthread      flask-sock (bench/flask_fanout.py): members in a list, the broadcast a plain
                    ``for ws in list(clients): ws.send(msg)`` loop; gunicorn gthread, same threads
 flask-gevent       the same Flask app, gunicorn gevent
+raw-gthread        the floor of a Python fan-out: flask-sock's members, the broadcast a frame
+                   built once and one bare ``sock.send()`` per member (no lock, check or queue)
 asgi               a bare ASGI app (bench/asgi_fanout.py) looping ``await send(...)`` over its
                    members, on the same uvicorn: the ceiling for any ASGI stack
 channels           Django Channels, an ``AsyncWebsocketConsumer`` in group "bench",
@@ -205,6 +207,9 @@ CONFIGS = [
     Config("flask-gevent", "flask-sock", "plain loop", "gunicorn gevent", "fanout-gevent",
            "/member", "/fanout", project="flask-fanout"),
     Config("asgi", "bare ASGI app", "`await send` loop", "uvicorn", "fanout-asgi", "/member", "/fanout"),
+    # The floor of a Python fan-out on gunicorn gthread: a frame built once, one bare send() per member.
+    Config("raw-gthread", "raw send loop", "frame once, `sock.send()` each", "gunicorn gthread", "fanout-gthread",
+           "/member", "/fanout-raw", project="flask-fanout"),
     Config("channels", "Channels", "AsyncWebsocketConsumer", "uvicorn", "fanout-uvicorn",
            "/member/", "/fanout/channels/", env={"BENCH_STACK": "channels"}),
     Config("redis", "dwebsocket", "async view, Redis broker", "2 × uvicorn", "fanout-uvicorn",
@@ -232,6 +237,8 @@ METRICS_KEYS = ["gthread", "gthread-metrics", "gevent", "gevent-metrics", "uvico
 DEFAULT_KEYS = ["gthread", "gevent", "uvicorn", "uvicorn-async", "flask-gthread", "flask-gevent", "asgi", "channels"]
 RATIOS = [
     ("dwebsocket gthread / flask-sock gthread", "gthread", "flask-gthread"),
+    ("dwebsocket gthread / raw send loop gthread (the floor)", "gthread", "raw-gthread"),
+    ("flask-sock gthread / raw send loop gthread (the floor)", "flask-gthread", "raw-gthread"),
     ("dwebsocket gevent / flask-sock gevent", "gevent", "flask-gevent"),
     ("dwebsocket uvicorn / bare ASGI uvicorn", "uvicorn", "asgi"),
     ("dwebsocket uvicorn, async broadcast / bare ASGI uvicorn", "uvicorn-async", "asgi"),

@@ -12,6 +12,7 @@ import time
 from flask import Flask, request
 from flask_sock import Sock
 from simple_websocket import ConnectionClosed
+from websockets.frames import Frame, Opcode
 
 app = Flask(__name__)
 sock = Sock(app)
@@ -45,5 +46,21 @@ def fanout() -> str:
             try:
                 ws.send(message)
             except ConnectionClosed:
+                pass
+    return "ok"
+
+
+@app.get("/fanout-raw")
+def fanout_raw() -> str:
+    """The floor of any Python fan-out: each message framed once, then one ``socket.send()``
+    per member, with no lock, no check and no queue (the members are flask-sock's, above).
+    Not a way to serve: a partial write would corrupt the stream; loopback members read fast."""
+    start = int(request.args.get("start", "0"))
+    for number in range(start, start + int(request.args.get("n", "1"))):
+        frame = Frame(Opcode.TEXT, f"{number} {time.time()!r}".encode()).serialize(mask=False)
+        for ws in list(clients):
+            try:
+                ws.sock.send(frame)
+            except OSError:
                 pass
     return "ok"

@@ -98,3 +98,82 @@ def test_a_client_that_reads_nothing_is_cut_once_it_stalls(opened):
         time.sleep(0.05)  # the hub's clock finds it stalled, with no further broadcast
     assert connection.closed and connection.close_code == 1013
     assert transport.offer(Frame("after")) is False
+
+
+def open_compressed(limits: Limits) -> tuple[SocketTransport, socket.socket, Connection]:
+    """A transport whose client agreed to permessage-deflate, on a socket pair with small buffers."""
+    server, client = socket.socketpair()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    request = RequestFactory().get(
+        "/", HTTP_UPGRADE="websocket", HTTP_CONNECTION="Upgrade", HTTP_HOST="testserver",
+        HTTP_SEC_WEBSOCKET_KEY="dGhlIHNhbXBsZSBub25jZQ==", HTTP_SEC_WEBSOCKET_VERSION="13",
+        HTTP_SEC_WEBSOCKET_EXTENSIONS="permessage-deflate",
+    )
+    handshake = Handshake(request)
+    handshake.accept(None, compression=True)
+    assert handshake.deflate is not None
+    connection = Connection(limits)
+    transport = SocketTransport(server, server_protocol(handshake.deflate, None), connection._link)
+    connection._link.opened(transport)
+    transport.start()
+    return transport, client, connection
+
+
+def read_compressed(sock: socket.socket, until: int, timeout: float = 10.0) -> tuple[list[str], int | None]:
+    """What a client with permessage-deflate reads: the text messages, and the close code, if any."""
+    from websockets.extensions.permessage_deflate import PerMessageDeflate
+    from websockets.frames import Opcode
+    from websockets.protocol import Protocol, Side
+
+    protocol = Protocol(Side.CLIENT)
+    protocol.extensions = [PerMessageDeflate(False, False, 15, 15)]
+    sock.settimeout(timeout)
+    messages: list[str] = []
+    while len(messages) < until and protocol.close_rcvd is None:
+        data = sock.recv(65536)
+        if not data:
+            break
+        protocol.receive_data(data)
+        messages += [frame.data.decode() for frame in protocol.events_received() if frame.opcode is Opcode.TEXT]
+    return messages, None if protocol.close_rcvd is None else protocol.close_rcvd.code
+
+
+def _queue_incompressible_broadcasts(transport: SocketTransport) -> list[str]:
+    import os
+
+    sent = [os.urandom(3000).hex() for _ in range(150)]  # about 450 kB deflated: far more than the buffers
+    for message in sent:
+        assert transport.offer(Frame(message))
+    assert not transport._outbox.is_empty()
+    return sent
+
+
+def test_a_views_send_goes_after_what_waits_on_a_compressed_connection():
+    transport, client, connection = open_compressed(Limits(ping_interval=None))
+    try:
+        sent = _queue_incompressible_broadcasts(transport)
+        received: list[tuple[list[str], int | None]] = []
+        reader = threading.Thread(target=lambda: received.append(read_compressed(client, len(sent) + 1)))
+        reader.start()
+        assert connection.send("last")
+        reader.join(10)
+        assert received and received[0][0] == [*sent, "last"]
+    finally:
+        client.close()
+        transport.finish()
+
+
+def test_closing_a_compressed_connection_sends_what_waits_then_the_close_frame():
+    transport, client, connection = open_compressed(Limits(ping_interval=None, close_timeout=1.0))
+    try:
+        sent = _queue_incompressible_broadcasts(transport)
+        received: list[tuple[list[str], int | None]] = []
+        reader = threading.Thread(target=lambda: received.append(read_compressed(client, len(sent) + 1)))
+        reader.start()
+        connection.close(1000)
+        reader.join(10)
+        assert received and received[0] == (sent, 1000)
+    finally:
+        client.close()
+        transport.finish()

@@ -169,12 +169,15 @@ class SocketTransport:
             protocol = self._protocol
             if protocol.state is not _OPEN:
                 return False
-            if isinstance(message, str):
-                protocol.send_text(message.encode())
-            else:
-                protocol.send_binary(message)
-            if self._drain() and self._write(self._framed()):
-                return True
+            # What waits goes first, and is framed first: on a compressed
+            # connection the order of framing is the order of the deflate stream.
+            if self._drain():
+                if isinstance(message, str):
+                    protocol.send_text(message.encode())
+                else:
+                    protocol.send_binary(message)
+                if self._write(self._framed()):
+                    return True
         # The client is gone: say so now (close_code), not when the reader notices.
         self._link.closed_with(*(self._expired or (1006, "")))
         return False
@@ -309,8 +312,8 @@ class SocketTransport:
         with self._lock:
             if self._protocol.state is _OPEN:
                 self._close_sent_at = time.monotonic()
-                self._protocol.send_close(code, reason)
-                if self._drain():  # what was sent before the close arrives before it
+                if self._drain():  # what was sent before the close arrives (and is framed) before it
+                    self._protocol.send_close(code, reason)
                     self._write(self._framed())
 
     def begin_restart(self) -> None:

@@ -18,16 +18,19 @@ from dwebsocket.transports.wsgi.protocol import server_protocol
 from dwebsocket.transports.wsgi.transport import SocketTransport
 
 
-def open_transport(limits: Limits) -> tuple[SocketTransport, socket.socket, Connection]:
+def open_transport(limits: Limits, compression: bool = False) -> tuple[SocketTransport, socket.socket, Connection]:
+    """A transport on a socket pair with small buffers (with *compression*: the client offered permessage-deflate)."""
     server, client = socket.socketpair()
     server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    offer = {"HTTP_SEC_WEBSOCKET_EXTENSIONS": "permessage-deflate"} if compression else {}
     request = RequestFactory().get(
         "/", HTTP_UPGRADE="websocket", HTTP_CONNECTION="Upgrade", HTTP_HOST="testserver",
-        HTTP_SEC_WEBSOCKET_KEY="dGhlIHNhbXBsZSBub25jZQ==", HTTP_SEC_WEBSOCKET_VERSION="13",
+        HTTP_SEC_WEBSOCKET_KEY="dGhlIHNhbXBsZSBub25jZQ==", HTTP_SEC_WEBSOCKET_VERSION="13", **offer,
     )
     handshake = Handshake(request)
-    handshake.accept(None, compression=False)
+    handshake.accept(None, compression=compression)
+    assert (handshake.deflate is not None) == compression
     connection = Connection(limits)
     transport = SocketTransport(server, server_protocol(handshake.deflate, limits.max_message_size), connection._link)
     connection._link.opened(transport)
@@ -100,26 +103,6 @@ def test_a_client_that_reads_nothing_is_cut_once_it_stalls(opened):
     assert transport.offer(Frame("after")) is False
 
 
-def open_compressed(limits: Limits) -> tuple[SocketTransport, socket.socket, Connection]:
-    """A transport whose client agreed to permessage-deflate, on a socket pair with small buffers."""
-    server, client = socket.socketpair()
-    server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    request = RequestFactory().get(
-        "/", HTTP_UPGRADE="websocket", HTTP_CONNECTION="Upgrade", HTTP_HOST="testserver",
-        HTTP_SEC_WEBSOCKET_KEY="dGhlIHNhbXBsZSBub25jZQ==", HTTP_SEC_WEBSOCKET_VERSION="13",
-        HTTP_SEC_WEBSOCKET_EXTENSIONS="permessage-deflate",
-    )
-    handshake = Handshake(request)
-    handshake.accept(None, compression=True)
-    assert handshake.deflate is not None
-    connection = Connection(limits)
-    transport = SocketTransport(server, server_protocol(handshake.deflate, None), connection._link)
-    connection._link.opened(transport)
-    transport.start()
-    return transport, client, connection
-
-
 def read_compressed(sock: socket.socket, until: int, timeout: float = 10.0) -> tuple[list[str], int | None]:
     """What a client with permessage-deflate reads: the text messages, and the close code, if any."""
     from websockets.extensions.permessage_deflate import PerMessageDeflate
@@ -150,7 +133,7 @@ def _queue_incompressible_broadcasts(transport: SocketTransport) -> list[str]:
 
 
 def test_a_views_send_goes_after_what_waits_on_a_compressed_connection():
-    transport, client, connection = open_compressed(Limits(ping_interval=None))
+    transport, client, connection = open_transport(Limits(ping_interval=None), compression=True)
     try:
         sent = _queue_incompressible_broadcasts(transport)
         received: list[tuple[list[str], int | None]] = []
@@ -165,7 +148,7 @@ def test_a_views_send_goes_after_what_waits_on_a_compressed_connection():
 
 
 def test_closing_a_compressed_connection_sends_what_waits_then_the_close_frame():
-    transport, client, connection = open_compressed(Limits(ping_interval=None, close_timeout=1.0))
+    transport, client, connection = open_transport(Limits(ping_interval=None, close_timeout=1.0), compression=True)
     try:
         sent = _queue_incompressible_broadcasts(transport)
         received: list[tuple[list[str], int | None]] = []

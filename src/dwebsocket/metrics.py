@@ -62,7 +62,6 @@ __all__ = [
     "Spec",
     "available",
     "broker_reconnected",
-    "outbox",
     "configure",
     "connection_closed",
     "connection_opened",
@@ -72,6 +71,7 @@ __all__ = [
     "frame_freed",
     "frame_made",
     "open_connections",
+    "outbox",
     "overflowed",
     "published",
     "publish_failed",
@@ -234,10 +234,10 @@ def broker_reconnected() -> None:
         _metrics["dwebsocket_broker_reconnects_total"].inc()
 
 
-def outbox(outcome: str, count: int = 1) -> None:
-    """*count* kept broadcasts were ``"published"``, or dropped (``"full"``, ``"expired"``)."""
-    if _enabled and count:
-        _metrics["dwebsocket_broker_outbox_total"].labels(outcome).inc(count)
+def outbox(outcome: str) -> None:
+    """A kept broadcast was ``"published"``, or dropped (``"full"``, ``"expired"``)."""
+    if _enabled:
+        _metrics["dwebsocket_broker_outbox_total"].labels(outcome).inc()
 
 
 def publish_failed() -> None:

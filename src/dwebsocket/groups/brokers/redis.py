@@ -298,6 +298,14 @@ def _entry(epoch: str, entry_id: bytes, fields: dict[bytes, bytes]) -> tuple[int
     return int(fields[b"time"]), Entry(Position(epoch, int(seq)), message, exclude)
 
 
+def _without_history(group: str, exc: Exception) -> None:
+    """Redis would not run the history script (its data, its version): the broadcast goes without a position."""
+    logger.warning(
+        "dwebsocket: could not keep a broadcast to group %r in its history (%s); "
+        "publishing it without a position.", group, exc,
+    )
+
+
 class _Kept(NamedTuple):
     """A broadcast of ours that did not reach Redis, delivered here already, waiting in the outbox."""
 
@@ -530,10 +538,7 @@ class RedisBroker:
         except redis.ResponseError as exc:  # Redis answered, but would not run it (its data, its version)
             if _failed(exc):
                 return self._publish_failed(group, message, exclude, live, number, exc)
-            logger.warning(
-                "dwebsocket: could not keep a broadcast to group %r in its history (%s); "
-                "publishing it without a position.", group, exc,
-            )
+            _without_history(group, exc)
             return self._publish(group, message, exclude, live)
         except _redis.ERRORS as exc:
             return self._publish_failed(group, message, exclude, live, number, exc)
@@ -597,6 +602,9 @@ class RedisBroker:
     def _kept_waiting(self) -> str:
         """``"drain"`` if Redis is reachable and kept broadcasts wait to be published (or are being
         published), ``"hold"`` if they wait for :data:`_DRAIN_DELAY`, else ``""``."""
+        if not self._outbox and self._sending is None:
+            return ""  # every broadcast asks: the usual answer, read without the lock (a publisher
+            # failing meanwhile races the caller with or without it)
         with self._lock:
             if not (self._reachable and (self._outbox or self._sending is not None)):
                 return ""
@@ -643,10 +651,7 @@ class RedisBroker:
                 except redis.ResponseError as exc:
                     if _failed(exc):
                         raise
-                    logger.warning(
-                        "dwebsocket: could not keep a broadcast to group %r in its history (%s); "
-                        "publishing it without a position.", kept.group, exc,
-                    )
+                    _without_history(kept.group, exc)
             _redis.publish(self._publisher, channel, encode(kept.message, kept.exclude, self._origin, True, number))
             return True
         except _redis.ERRORS as exc:  # failover ResponseErrors included

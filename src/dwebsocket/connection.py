@@ -417,12 +417,21 @@ class Link:
     its queue, would wait for the cyclic garbage collector instead of being
     freed as soon as the view drops it. Once the connection is gone, a link
     drops what is delivered to it and refuses broadcasts.
+
+    While the connection is open, the link also holds what a broadcast is
+    offered to (``_target``: its transport, or its ``dwebsocket.v1`` session
+    in front of it), so that a broadcast reaches the transport without a
+    look at the connection. It is written under the connection's ``_cond``
+    (set at the open, cleared when the connection closes or starts to) and
+    read without it: a broadcast that reads it just before it is cleared is
+    refused by the transport, which checks its own state.
     """
 
-    __slots__ = ("_ref", "id", "limits")
+    __slots__ = ("_ref", "_target", "id", "limits")
 
     def __init__(self, connection: Connection) -> None:
         self._ref = weakref.ref(connection)
+        self._target: Transport | _InSession | None = None
         #: The connection's id (see :attr:`Connection.id`).
         self.id: str = connection.id
         #: The limits the connection was opened with.
@@ -450,6 +459,8 @@ class Link:
             c._pump = pump
             if c._state == CONNECTING:
                 c._state = OPEN
+                session = c._session
+                self._target = transport if session is None else _InSession(session, transport)
 
     def deliver(self, message: Message, timeout: float | None = None) -> bool:
         """Queue a received message, waiting while the queue is full (backpressure).
@@ -564,6 +575,7 @@ class Link:
             if c._state != OPEN:
                 return None
             c._state = CLOSING
+            self._target = None
             c._changed()  # a transport blocked on a full queue stops waiting
             return c._transport
 
@@ -576,6 +588,7 @@ class Link:
             first = c._state != CLOSED
             if first:
                 c._state = CLOSED
+                self._target = None
                 c._close_code = code
                 c._close_reason = reason
                 hooks, c._close_hooks = c._close_hooks, ()
@@ -607,20 +620,25 @@ class Link:
 
     def offer(self, frame: Frame) -> bool:
         """Hand a broadcast to the transport without waiting; ``False`` if it was not taken."""
-        c = self._ref()
-        if c is None:
-            return False
-        # Read without _cond, on the hot path of a broadcast: a connection that
-        # closes meanwhile is refused by its transport, which checks its own state.
-        transport = c._transport
-        if transport is None or c._state != OPEN:
-            return False
-        session = c._session
-        return transport.offer(frame) if session is None else session.offer(frame, transport)
+        target = self._target  # read without _cond: see the class docstring
+        return False if target is None else target.offer(frame)
 
     def __repr__(self) -> str:
         c = self._ref()
         return f"<Link {self.id} {CLOSED if c is None else c._state}>"
+
+
+class _InSession:
+    """What a broadcast is offered to on a ``dwebsocket.v1`` connection: its session, then its transport."""
+
+    __slots__ = ("_session", "_transport")
+
+    def __init__(self, session: Session, transport: Transport) -> None:
+        self._session = session
+        self._transport = transport
+
+    def offer(self, frame: Frame) -> bool:
+        return self._session.offer(frame, self._transport)
 
 
 def _nothing() -> None:

@@ -23,6 +23,10 @@ class RecordingTransport:
     def close(self, code, reason):
         self.closes.append((code, reason))
 
+    def offer(self, frame):
+        self.sent.append(frame.message)
+        return True
+
 
 def open_connection(max_queue=64):
     connection = Connection(Limits(max_queue=max_queue))
@@ -103,6 +107,31 @@ def test_closed_connection_state():
     assert connection.wait() is None and connection.read() is None
     assert connection._state == CLOSED and connection.close_code == 1006
 
+
+
+def test_a_link_offers_broadcasts_to_its_transport_only_while_the_connection_is_open():
+    from dwebsocket.messages import Frame
+
+    connection = Connection(Limits())
+    transport = RecordingTransport()
+    assert connection._link.offer(Frame("before the open")) is False
+    connection._link.opened(transport)
+    assert connection._link.offer(Frame("open"))
+    connection._link.closed_with(1006)
+    assert connection._link.offer(Frame("after the close")) is False
+    assert transport.sent == ["open"]
+
+
+def test_a_dwebsocket_v1_connection_offers_broadcasts_through_its_session():
+    from dwebsocket.messages import Frame
+    from dwebsocket.session import Session
+
+    connection = Connection(Limits())
+    connection._session = Session(connection.id, None)  # set before the transport, as the handshake does
+    transport = RecordingTransport()
+    connection._link.opened(transport)
+    assert connection._link.offer(Frame("hi", "lobby", None))
+    assert len(transport.sent) == 1 and transport.sent[0].endswith("hi") and transport.sent[0] != "hi"  # enveloped
 
 
 def test_close_hooks_run_once_after_the_close_and_not_for_a_closed_connection():

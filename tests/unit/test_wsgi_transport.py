@@ -160,3 +160,31 @@ def test_closing_a_compressed_connection_sends_what_waits_then_the_close_frame()
     finally:
         client.close()
         transport.finish()
+
+
+def test_the_protocols_open_flag_follows_its_state():
+    """A broadcast asks ``is_open`` of every member; it must agree with websockets' state in every version."""
+    from websockets.frames import Close, Frame as WireFrame, Opcode
+    from websockets.protocol import State
+
+    protocol = server_protocol(None, None)
+    assert protocol.state is State.OPEN and protocol.is_open
+    protocol.send_close(1000, "bye")
+    assert protocol.state is State.CLOSING and not protocol.is_open
+
+    answered = server_protocol(None, None)  # the client closes first
+    answered.receive_data(WireFrame(Opcode.CLOSE, Close(1001, "").serialize()).serialize(mask=True))
+    assert answered.state is not State.OPEN and not answered.is_open
+
+    failed = server_protocol(None, None)  # a protocol error: an unmasked client frame
+    failed.receive_data(WireFrame(Opcode.TEXT, b"x").serialize(mask=False))
+    assert failed.state is not State.OPEN and not failed.is_open
+
+
+def test_a_closing_connection_refuses_broadcasts_at_its_link(opened):
+    transport, client, connection = opened()
+    assert connection._link.offer(Frame("before"))
+    assert read_exactly(client, len(Frame("before").data)) == Frame("before").data
+    connection.close()  # begin_close: the link stops offering before the close frame goes out
+    assert connection._link.offer(Frame("after")) is False
+    assert transport.offer(Frame("after")) is False  # and the transport refuses it too

@@ -22,14 +22,14 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import Protocol, Side, State
 from wsproto.extensions import PerMessageDeflate as Negotiated
 
-__all__ = ["server_protocol"]
+__all__ = ["ServerProtocol", "server_protocol"]
 
 #: websockets logs "connection closed" (INFO) when a connection ends, and
 #: "parser failed" (ERROR, with the traceback) for a bug in a parser.
 _logger = logging.getLogger("dwebsocket.protocol")
 
 
-class _ServerProtocol(Protocol):
+class ServerProtocol(Protocol):
     """websockets' protocol, where a close frame may come between two frames of a message.
 
     RFC 6455 section 5.4 lets control frames come in the middle of a
@@ -37,7 +37,21 @@ class _ServerProtocol(Protocol):
     control frame is a close (to report the message cut short). A server
     answers it as any close, and the unfinished message is dropped
     (Autobahn case 7.1.5).
+
+    :attr:`is_open` mirrors ``state is State.OPEN`` as a plain attribute: a
+    broadcast asks it of every member, and a property costs a call each time.
     """
+
+    is_open: bool
+
+    @property  # type: ignore[override]
+    def state(self) -> State:
+        return self._state
+
+    @state.setter
+    def state(self, state: State) -> None:
+        Protocol.state.fset(self, state)  # type: ignore[attr-defined]
+        self.is_open = state is State.OPEN
 
     def recv_frame(self, frame: Frame) -> None:
         if frame.opcode is Opcode.CLOSE:
@@ -45,10 +59,10 @@ class _ServerProtocol(Protocol):
         super().recv_frame(frame)
 
 
-def server_protocol(deflate: Negotiated | None, max_message_size: int | None) -> Protocol:
+def server_protocol(deflate: Negotiated | None, max_message_size: int | None) -> ServerProtocol:
     """The server side of an open connection, with the permessage-deflate *deflate* negotiated
     (``None``: none), refusing a message over *max_message_size* bytes (``None``: any size)."""
-    protocol = _ServerProtocol(Side.SERVER, state=State.OPEN, max_size=max_message_size, logger=_logger)
+    protocol = ServerProtocol(Side.SERVER, state=State.OPEN, max_size=max_message_size, logger=_logger)
     if deflate is not None:
         protocol.extensions = [PerMessageDeflate(
             remote_no_context_takeover=deflate.client_no_context_takeover,

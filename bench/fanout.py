@@ -17,6 +17,9 @@ flask-gthread      flask-sock (bench/flask_fanout.py): members in a list, the br
 flask-gevent       the same Flask app, gunicorn gevent
 raw-gthread        the floor of a Python fan-out: flask-sock's members, the broadcast a frame
                    built once and one bare ``sock.send()`` per member (no lock, check or queue)
+raw-uvicorn        the same floor on uvicorn, in dwebsocket's own process: its members, the
+                   broadcast (an async view) a bare ``await send(...)`` loop over their server's
+                   ``send``: what a broadcast costs there without dwebsocket's code
 asgi               a bare ASGI app (bench/asgi_fanout.py) looping ``await send(...)`` over its
                    members, on the same uvicorn: the ceiling for any ASGI stack
 channels           Django Channels, an ``AsyncWebsocketConsumer`` in group "bench",
@@ -41,7 +44,10 @@ every member connection in one event loop (uvloop when installed) with picows; m
 counted. Every message is "<number> <time sent>", the time taken by the server
 just before it broadcasts the message.
 
-Measured per configuration, on one server (members connected once):
+Measured per configuration, on one server (members connected once). The
+servers of every configuration run side by side, members connected, and the
+rounds go round them (round 1 of each, then round 2 of each, ...): a change
+in the machine's speed during the run weighs on every configuration alike.
 
 (a) throughput: one HTTP request broadcasts ``--messages`` messages;
     deliveries per second from the request to the last delivery, p50 and p99
@@ -57,6 +63,10 @@ Measured per configuration, on one server (members connected once):
     (the other two measurements size the queues out of the way), one request
     broadcasts ``--burst`` messages in a loop; how many members received all
     of them in order, and how many the server disconnected.
+
+With (a) and (b) comes the server's CPU time per delivery (its CPU seconds over
+the window divided by the deliveries): what a delivery costs the server whether
+or not the load generator kept up, and the ratios are given on it too.
 
 Also reported: the server's resident memory per member connection (with every
 member connected, minus the idle server's), the handshakes tried again, and
@@ -210,6 +220,9 @@ CONFIGS = [
     # The floor of a Python fan-out on gunicorn gthread: a frame built once, one bare send() per member.
     Config("raw-gthread", "raw send loop", "frame once, `sock.send()` each", "gunicorn gthread", "fanout-gthread",
            "/member", "/fanout-raw", project="flask-fanout"),
+    # The same floor on uvicorn, in dwebsocket's own process: its members, a bare `await send` loop.
+    Config("raw-uvicorn", "raw send loop", "dwebsocket's members, `await send` each", "uvicorn", "fanout-uvicorn",
+           "/member/", "/fanout/raw-asgi/"),
     Config("channels", "Channels", "AsyncWebsocketConsumer", "uvicorn", "fanout-uvicorn",
            "/member/", "/fanout/channels/", env={"BENCH_STACK": "channels"}),
     Config("redis", "dwebsocket", "async view, Redis broker", "2 × uvicorn", "fanout-uvicorn",
@@ -242,6 +255,7 @@ RATIOS = [
     ("dwebsocket gevent / flask-sock gevent", "gevent", "flask-gevent"),
     ("dwebsocket uvicorn / bare ASGI uvicorn", "uvicorn", "asgi"),
     ("dwebsocket uvicorn, async broadcast / bare ASGI uvicorn", "uvicorn-async", "asgi"),
+    ("dwebsocket uvicorn, async broadcast / raw send loop in its process", "uvicorn-async", "raw-uvicorn"),
     ("dwebsocket uvicorn / Channels uvicorn", "uvicorn", "channels"),
     ("dwebsocket / Channels, 2 processes, Redis", "redis", "channels-redis"),
     ("history on / off, gthread", "gthread", "gthread-nohistory"),
@@ -488,8 +502,14 @@ async def throughput(run: Run, meter: CpuMeter) -> dict[str, float]:
     return {
         "rate": phase.delivered / elapsed, "p50": percentile(phase.latencies, 0.50) * 1000,
         "p99": percentile(phase.latencies, 0.99) * 1000, "cpu": cpu, "missing": missing if not complete else 0,
-        "window": meter.seconds, "client_cpu": meter.client,
+        "window": meter.seconds, "client_cpu": meter.client, "us": cpu_us(cpu, meter, phase.delivered),
     }
+
+
+def cpu_us(cpu: float, meter: CpuMeter, delivered: int) -> float:
+    """The server's CPU time per delivery, in µs, over the window *meter* measured (*cpu* % of a core):
+    what a delivery costs the server whether or not the load generator kept up."""
+    return cpu / 100 * meter.seconds / max(delivered, 1) * 1e6
 
 
 async def steady(run: Run, meter: CpuMeter) -> dict[str, float]:
@@ -524,7 +544,7 @@ async def steady(run: Run, meter: CpuMeter) -> dict[str, float]:
     lost = expected - phase.delivered
     latencies = phase.latencies + [math.inf] * lost
     return {"p99": percentile(latencies, 0.99) * 1000, "lost": lost, "expected": expected, "cpu": cpu,
-            "failed_requests": failed, "client_cpu": meter.client}
+            "failed_requests": failed, "client_cpu": meter.client, "us": cpu_us(cpu, meter, phase.delivered)}
 
 
 async def burst(run: Run, meter: CpuMeter) -> dict[str, float]:
@@ -556,33 +576,41 @@ async def burst(run: Run, meter: CpuMeter) -> dict[str, float]:
     }
 
 
-async def session(servers: list[RunningServer], config: Config, args: argparse.Namespace,
-                  idle_kib: int, do_burst: bool) -> dict:
-    """Connect every member, run the measurements, close; the results."""
-    run = Run([s.port for s in servers], config, args)
-    meter = CpuMeter([s.process.pid for s in servers])
-    result: dict = {}
+async def session(runs: dict[str, tuple[list[RunningServer], Config]], args: argparse.Namespace,
+                  idle_kib: dict[str, int], do_burst: bool) -> dict[str, dict]:
+    """Connect every member of every configuration, run the measurements, close; the results by key.
+
+    The rounds of (a), then of (b), go round the configurations (round 1 of
+    each, then round 2 of each, ...), so that a change in the machine's speed
+    during the run (other virtual machines on the host) weighs on every
+    configuration alike rather than on the one measured at that moment.
+    """
+    measured = {key: (Run([s.port for s in servers], config, args), CpuMeter([s.process.pid for s in servers]))
+                for key, (servers, config) in runs.items()}
+    results: dict[str, dict] = {key: {} for key in runs}
     try:
-        await run.connect_all()
+        for key, (run, _) in measured.items():
+            await run.connect_all()
         await asyncio.sleep(1)
-        result["kib"] = (sum(rss_kib(s.process.pid) for s in servers) - idle_kib) / args.members
+        for key, (servers, _) in runs.items():
+            results[key]["kib"] = (sum(rss_kib(s.process.pid) for s in servers) - idle_kib[key]) / args.members
         if do_burst:
-            result["burst"] = await burst(run, meter)
-        else:
-            result["throughput"] = []
+            for key, (run, meter) in measured.items():
+                results[key]["burst"] = await burst(run, meter)
+            return results
+        for what, measurement in (("throughput", throughput), ("steady", steady)):
+            for key in measured:
+                results[key][what] = []
             for number in range(args.rounds):
-                result["throughput"].append(await throughput(run, meter))
-                report(config, f"throughput round {number + 1}", result["throughput"][-1])
-                await asyncio.sleep(0.5)
-            result["steady"] = []
-            for number in range(args.rounds):
-                result["steady"].append(await steady(run, meter))
-                report(config, f"steady round {number + 1}", result["steady"][-1])
-                await asyncio.sleep(0.5)
+                for key, (run, meter) in measured.items():
+                    results[key][what].append(await measurement(run, meter))
+                    report(run.config, f"{what} round {number + 1}", results[key][what][-1])
+                    await asyncio.sleep(0.5)
     finally:
-        result["retried"] = run.retried
-        await run.close_all()
-    return result
+        for key, (run, _) in measured.items():
+            results[key]["retried"] = run.retried
+            await run.close_all()
+    return results
 
 
 def report(config: Config, what: str, values: dict) -> None:
@@ -607,35 +635,41 @@ def start_servers(stack: ExitStack, config: Config, args: argparse.Namespace, en
     ]
 
 
-def measure(config: Config, args: argparse.Namespace) -> dict:
-    """Every measurement of one configuration: (a) and (b) on one server, (c) on a fresh one."""
+def measure(configs: list[Config], args: argparse.Namespace) -> dict[str, dict]:
+    """Every measurement of *configs*, by key: (a) and (b) with every configuration's server up
+    (their rounds interleaved, see :func:`session`), (c) on a fresh server each, one at a time."""
     per_round = args.timeout + args.duration + args.drain + args.duration + 30
-    max_seconds = int(300 + args.rounds * per_round)
+    max_seconds = int(300 + args.rounds * per_round * len(configs))
+    results: dict[str, dict] = {}
     with ExitStack() as stack:
-        servers = start_servers(stack, config, args, {}, max_seconds)
-        idle = sum(rss_kib(s.process.pid) for s in servers)
-        result = run_client(session(servers, config, args, idle, do_burst=False))
-    result["tracebacks"] = sum(s.log_text().count("Traceback") for s in servers)  # after stopping
-    logs = [str(s.log_path) for s in servers]
-    if args.burst:
-        servers = []
+        runs = {config.key: (start_servers(stack, config, args, {}, max_seconds), config) for config in configs}
+        idle = {key: sum(rss_kib(s.process.pid) for s in servers) for key, (servers, _) in runs.items()}
+        for key, (servers, config) in runs.items():
+            print(f"  {key}: {config.stack}, {config.view}, {config.server}", file=sys.stderr, flush=True)
+        results = run_client(session(runs, args, idle, do_burst=False))
+    for key, (servers, _) in runs.items():  # after stopping
+        results[key]["tracebacks"] = sum(s.log_text().count("Traceback") for s in servers)
+        results[key]["logs"] = [str(s.log_path) for s in servers]
+    for config in configs if args.burst else []:
+        result, servers = results[config.key], []
         try:
             with ExitStack() as stack:
                 servers = start_servers(stack, config, args, {"BENCH_DEFAULTS": "1"},
                                         int(300 + args.burst_timeout))
-                idle = sum(rss_kib(s.process.pid) for s in servers)
-                burst_result = run_client(session(servers, config, args, idle, do_burst=True))
-                report(config, "burst", burst_result["burst"])
-            result["burst"] = burst_result["burst"]
-            result["retried"] += burst_result["retried"]
+                idle = {config.key: sum(rss_kib(s.process.pid) for s in servers)}
+                burst_result = run_client(session({config.key: (servers, config)}, args, idle, do_burst=True))
+                report(config, "burst", burst_result[config.key]["burst"])
+            result["burst"] = burst_result[config.key]["burst"]
+            result["retried"] += burst_result[config.key]["retried"]
         except Exception as exc:  # (a) and (b) still count
             result["burst"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
             print(f"  {config.key} burst failed: {exc!r}", file=sys.stderr, flush=True)
         result["tracebacks"] += sum(s.log_text().count("Traceback") for s in servers)
-        logs += [str(s.log_path) for s in servers]
-    if result["tracebacks"]:
-        print(f"  {config.key}: {result['tracebacks']} tracebacks in {' '.join(logs)}", file=sys.stderr)
-    return result
+        result["logs"] += [str(s.log_path) for s in servers]
+    for key, result in results.items():
+        if result["tracebacks"]:
+            print(f"  {key}: {result['tracebacks']} tracebacks in {' '.join(result['logs'])}", file=sys.stderr)
+    return results
 
 
 # -- the report ------------------------------------------------------------------------------------
@@ -648,6 +682,8 @@ def summarise(result: dict) -> dict:
         "p50": statistics.median(r["p50"] for r in t),
         "p99": statistics.median(r["p99"] for r in t),
         "cpu": statistics.median(r["cpu"] for r in t),
+        "us": statistics.median(r["us"] for r in t),
+        "steady_us": statistics.median(r["us"] for r in s),
         "window": min(r["window"] for r in t),
         "client_cpu": max(r["client_cpu"] for r in [*t, *s, *([result["burst"]] if "burst" in result else [])]),
         "missing": sum(r["missing"] for r in t),
@@ -695,11 +731,11 @@ def print_table(args: argparse.Namespace, keys: list[str], results: dict[str, di
                 threads: int) -> None:
     rate = f"{args.rate:g}/s"
     expected = max(1, round(args.rate * args.duration)) * args.members
-    print(f"| stack | view | server | deliveries/s | p50 ms | p99 ms | server CPU % | {rate}: p99 ms "
-          f"| {rate}: lost of {expected:,} "
-          f"| {rate}: server CPU % | burst {args.burst}: members with all, in order | burst: members cut "
+    print(f"| stack | view | server | deliveries/s | p50 ms | p99 ms | server CPU % | server CPU µs per delivery "
+          f"| {rate}: p99 ms | {rate}: lost of {expected:,} "
+          f"| {rate}: server CPU % | {rate}: server CPU µs per delivery | burst {args.burst}: members with all, in order | burst: members cut "
           "| server KiB per member | handshakes retried | server tracebacks |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for key in keys:
         config = BY_KEY[key]
         server = config.server
@@ -707,21 +743,24 @@ def print_table(args: argparse.Namespace, keys: list[str], results: dict[str, di
             server += f" ({threads:,} threads)"
         start = f"| {config.stack} | {config.view} | {server} |"
         if key in failures:
-            print(f"{start} failed: {failures[key]} |" + " |" * 11)
+            print(f"{start} failed: {failures[key]} |" + " |" * 13)
             continue
         r = results[key]
         complete, cut = burst_cells(r["burst"], args.members)
         missing = f" ({r['missing']:,} missing)" if r["missing"] else ""
         print(f"{start} {r['rate']:,.0f}{missing} | {ms(r['p50'])} | {ms(r['p99'])} | {r['cpu']:.0f} "
-              f"| {ms(r['steady_p99'])} | {r['steady_lost']:,.0f} | {r['steady_cpu']:.0f} | {complete} | {cut} "
+              f"| {r['us']:.1f} | {ms(r['steady_p99'])} | {r['steady_lost']:,.0f} | {r['steady_cpu']:.0f} "
+              f"| {r['steady_us']:.1f} | {complete} | {cut} "
               f"| {r['kib']:.1f} | {r['retried']} | {r['tracebacks']} |")
     ratios = [(label, a, b) for label, a, b in RATIOS if a in results and b in results]
     if ratios:
-        print(f"\n| ratio | deliveries/s | p99 ms | {rate}: p99 ms | server KiB per member |")
-        print("|---|---|---|---|---|")
+        print(f"\n| ratio | deliveries/s | deliveries per server CPU second (a) | {rate}: the same (b) | p99 ms "
+              f"| {rate}: p99 ms | server KiB per member |")
+        print("|---|---|---|---|---|---|---|")
         for label, mine, theirs in ratios:
             d, o = results[mine], results[theirs]
-            print(f"| {label} | **{div(d['rate'], o['rate'])}** | {div(d['p99'], o['p99'])} "
+            print(f"| {label} | **{div(d['rate'], o['rate'])}** | {div(o['us'], d['us'])} "
+                  f"| {div(o['steady_us'], d['steady_us'])} | {div(d['p99'], o['p99'])} "
                   f"| {div(d['steady_p99'], o['steady_p99'])} | {div(d['kib'], o['kib'])} |")
     notes = []
     for key in keys:
@@ -822,14 +861,11 @@ def main() -> int:
 
     results: dict[str, dict] = {}
     failures: dict[str, str] = {}
-    for key in keys:
-        config = BY_KEY[key]
-        print(f"  {key}: {config.stack}, {config.view}, {config.server}", file=sys.stderr, flush=True)
-        try:
-            results[key] = summarise(measure(config, args))
-        except Exception as exc:  # a configuration that fails is reported, not fatal
-            failures[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            print(f"  {key} failed: {exc!r}", file=sys.stderr, flush=True)
+    try:
+        results = {key: summarise(result) for key, result in measure([BY_KEY[key] for key in keys], args).items()}
+    except Exception as exc:  # reported, with whatever the table can still show
+        failures = {key: f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}" for key in keys}
+        print(f"  failed: {exc!r}", file=sys.stderr, flush=True)
     print_table(args, keys, results, failures, threads)
     print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0

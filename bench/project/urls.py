@@ -9,6 +9,7 @@ urlpatterns = [
     path("member/sync/", views.member_sync),
     path("fanout/dwebsocket/", views.dwebsocket_fanout),
     path("fanout/dwebsocket/async/", views.dwebsocket_fanout_async),
+    path("fanout/raw-asgi/", views.raw_asgi_fanout),
     path("fanout/channels/", views.channels_fanout),
     path("echo/sync/", views.echo_sync),
     path("echo/async/", views.echo_async),

@@ -59,6 +59,20 @@ async def dwebsocket_fanout_async(request):
     return HttpResponse("ok")
 
 
+async def raw_asgi_fanout(request):
+    """The ASGI floor in this process: dwebsocket's members, the broadcast a bare ``await send(...)``
+    loop over their server's ``send`` (no group, frame, history or queue): what a broadcast costs
+    here without dwebsocket's code, beside ``dwebsocket_fanout_async``."""
+    from dwebsocket.groups import registry
+
+    sends = [link._target._send for link in registry.local(GROUP) if link._target is not None]
+    for number in _numbers(request):
+        event = {"type": "websocket.send", "text": f"{number} {time.time()!r}"}
+        for send in sends:
+            await send(event)
+    return HttpResponse("ok")
+
+
 class Member(AsyncWebsocketConsumer):
     """Channels: the same member, as a consumer."""
 

@@ -176,11 +176,14 @@ class AsgiTransport:
     # Slots: every open connection keeps one (an instance __dict__ costs more,
     # and past 29 attributes about 1.6 KiB). An attribute not listed here still
     # works (it goes into a __dict__ made on first use): list it here.
+    # The first seven are what a broadcast reads of every member (offer()):
+    # slots are laid out in this order, so they share a cache line or two.
     __slots__ = (
-        "__dict__", "__weakref__", "_busy", "_close_refused", "_close_sent", "_disconnected", "_gone",
-        "_handed_over", "_limits", "_link", "_loop", "_loop_thread", "_mailbox", "_offered",
-        "_offered_bytes", "_pending", "_pending_bytes", "_progress", "_queue", "_rate",
-        "_receive", "_receiver", "_receiving", "_restarting", "_send",
+        "_loop_thread", "_close_sent", "_disconnected", "_restarting", "_busy", "_queue", "_send",
+        "__dict__", "__weakref__", "_close_refused", "_gone",
+        "_handed_over", "_limits", "_link", "_loop", "_mailbox", "_offered",
+        "_offered_bytes", "_pending", "_pending_bytes", "_progress", "_rate",
+        "_receive", "_receiver", "_receiving",
     )
 
     def __init__(
@@ -368,14 +371,14 @@ class AsgiTransport:
         self._handed_over.release()
 
     def offer(self, frame: Frame) -> bool:
-        if self._on_loop():
-            return self._offer_here(frame)
-        # From another thread: the loop offers it, with every other member of
-        # this broadcast on the loop, as one item of its mailbox.
-        if self._close_sent or self._disconnected or self._restarting:
-            return False
-        self._mailbox.offer(self, frame)
-        return True
+        if threading.get_ident() != self._loop_thread:
+            # From another thread: the loop offers it, with every other member of
+            # this broadcast on the loop, as one item of its mailbox.
+            if self._close_sent or self._disconnected or self._restarting:
+                return False
+            self._mailbox.offer(self, frame)
+            return True
+        return self._offer_here(frame)
 
     def _offer_here(self, frame: Frame) -> bool:
         """:meth:`offer`, on the loop."""
@@ -385,10 +388,20 @@ class AsgiTransport:
         event = {"type": "websocket.send", "text" if isinstance(message, str) else "bytes": message}
         if not self._busy and not self._queue:
             # Nothing waits on this connection: send at once, as a bare loop
-            # over `await send(...)` would. Only a send that has to wait counts
-            # towards the slow-client policy (the next broadcasts queue behind
-            # it, counted).
-            self._run(event, None)
+            # over `await send(...)` would (the hot path of a broadcast, once
+            # per member: _run's work for one event that needs no callback).
+            # Only a send that has to wait counts towards the slow-client
+            # policy (the next broadcasts queue behind it, counted).
+            sending = self._send(event)
+            steps = sending if type(sending) is types.CoroutineType else sending.__await__()
+            try:
+                waiting_for = steps.send(None)
+            except StopIteration:
+                return True
+            except Exception:  # the server refuses sends once the client is gone
+                return True
+            self._busy = True  # the server's send must wait (a slow client): a task carries it on
+            self._loop.create_task(self._carry_on(steps, waiting_for, None))
             return True
         now = time.monotonic()
         if not self._offered:

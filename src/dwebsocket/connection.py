@@ -459,6 +459,7 @@ class Link:
             c._pump = pump
             if c._state == CONNECTING:
                 c._state = OPEN
+            if c._state == OPEN:
                 session = c._session
                 self._target = transport if session is None else _InSession(session, transport)
 

@@ -89,6 +89,30 @@ def test_a_burst_reaches_every_member_that_reads_in_order(kind):
         assert "Traceback" not in running.log_text()
 
 
+def test_a_long_broadcast_loop_under_gevent_lets_the_rest_of_the_server_run():
+    # A broadcast never waits for its members (non-blocking writes), so under
+    # gevent a loop of broadcasts gave no other greenlet a turn: gunicorn's
+    # heartbeat stopped and, after --timeout (30 s by default), the arbiter
+    # killed the worker, cutting every member with 1012 (a burst of 2000 to
+    # 1000 members on a slow machine). Every broadcast now yields to the hub.
+    group, members, seconds = "busy", 3, 4.0
+    with start_server("gevent", args=("--timeout", "2")) as running, contextlib.ExitStack() as stack:
+        clients = [stack.enter_context(ws_connect(running, f"/group/{group}/")) for _ in range(members)]
+        for client in clients:
+            joined(client)
+        wait_for(lambda: presence(running, group)["size"] == members, what=f"{members} members")
+        started = time.monotonic()
+        status, body = running.get(f"/busy-broadcast/{group}/?seconds={seconds}&every=0.005")
+        assert status == 200 and time.monotonic() - started >= seconds
+        count = int(body.split()[1])
+        pinged = running.get("/health/")  # the server still answers, the same worker
+        assert pinged[0] == 200
+        for client in clients:
+            got = [client.recv(timeout=10) for _ in range(count)]
+            assert got == [f"busy {index}" for index in range(count)]
+        assert presence(running, group)["size"] == members
+
+
 @pytest.mark.parametrize("kind", ["uvicorn", "daphne", "hypercorn"])
 def test_a_thread_broadcasting_while_the_event_loop_is_held_up_cuts_nobody(kind):
     # A sync view broadcasts while the server's event loop is busy (here: an

@@ -53,6 +53,7 @@ urlpatterns = [
     path("presence/<str:name>/", views.presence),
     path("broadcast/<str:name>/", views.http_broadcast),
     path("stall-broadcast/<str:name>/", views.stall_loop_broadcast),
+    path("busy-broadcast/<str:name>/", views.busy_broadcast),
     path("bad-text/broadcast/<str:name>/", views.bad_text_broadcast),
     path("bad-text/send/", views.bad_text_send),
 ]

@@ -434,6 +434,21 @@ def http_broadcast(request, name):
     return HttpResponse(f"sent {count}")
 
 
+def busy_broadcast(request, name):
+    """Broadcasts numbered messages to group *name* for ?seconds=, one every ?every= seconds,
+    waiting between them without I/O (a CPU-bound loop: under gevent nothing else runs
+    unless the broadcast itself gives the hub a turn)."""
+    seconds, every = float(request.GET["seconds"]), float(request.GET["every"])
+    end, count = time.monotonic() + seconds, 0
+    while time.monotonic() < end:
+        broadcast(name, f"busy {count}")
+        count += 1
+        pause = time.monotonic() + every
+        while time.monotonic() < pause:
+            pass
+    return HttpResponse(f"sent {count}")
+
+
 def stall_loop_broadcast(request, name):
     """Holds up the server's event loop for ?stall= seconds (as an async view
     that calls blocking code does) and meanwhile broadcasts ?n= numbered

@@ -23,6 +23,7 @@ from .. import conf
 from .. import metrics as _metrics
 from ..connection import Link
 from ..messages import Message, check_message
+from ..transports._sync import cooperate
 from .brokers import Broker, make_broker
 from .history import Position
 from .registry import Member, Registry
@@ -88,10 +89,13 @@ def broadcast(group: str, message: Message, exclude: object = None) -> None:
     ``_redis.PUBLISH_TIMEOUT`` (1 s) for Redis (as long again while this
     process's subscription to *group*, which a join asked for, is pending:
     docs/reliability.md), and not at all while Redis is failing: then only
-    this process's members get it, and it does not raise.
+    this process's members get it, and it does not raise. Under gevent it
+    lets the other greenlets run once before it returns (see
+    :func:`~dwebsocket.transports._sync.cooperate`).
     """
     _metrics.published()
     get_broker().publish(group, check_message(message), _exclude_id(exclude))
+    cooperate()
 
 
 def position(group: str) -> str | None:

@@ -1,4 +1,4 @@
-"""Synchronisation objects sized for one per connection.
+"""Synchronisation objects sized for one per connection, and :func:`cooperate`.
 
 A server holds thousands of idle connections, and what each one keeps
 counts. A ``threading.Condition`` costs about 1.3 KiB: a ``deque`` for its
@@ -10,12 +10,32 @@ instance ``__dict__``, and five bound methods of its lock kept as attributes.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["LightCondition"]
+__all__ = ["LightCondition", "cooperate"]
+
+
+def cooperate() -> None:
+    """Under gevent, let the other greenlets run once; elsewhere, nothing.
+
+    A broadcast never waits for its members (every write is non-blocking),
+    so under gevent a loop of broadcasts would give no other greenlet a turn
+    until it ends: not the other requests, not the writes queued for slow
+    members, not gunicorn's heartbeat (the arbiter kills a worker silent for
+    ``--timeout``, 30 s by default, cutting every connection). Called after
+    each broadcast; a no-op in the hub greenlet, which must not switch away.
+    """
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is None or not monkey.is_module_patched("threading"):
+        return
+    import gevent
+
+    if gevent.getcurrent() is not gevent.get_hub():
+        gevent.sleep(0)
 
 
 class LightCondition:

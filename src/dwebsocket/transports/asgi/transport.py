@@ -287,7 +287,7 @@ class AsgiTransport:
             self._busy = True
             sending = self._send(event)
             # A coroutine (every server's send) is driven as is; any other awaitable by __await__().
-            steps = sending if isinstance(sending, types.CoroutineType) else sending.__await__()
+            steps = sending if type(sending) is types.CoroutineType else sending.__await__()
             try:
                 waiting_for = steps.send(None)
             except StopIteration:
@@ -301,7 +301,8 @@ class AsgiTransport:
                 done(ok)
             event, done = self._queue.popleft() if self._queue else (None, None)
         self._busy = False
-        self._queue = _EMPTY  # empty: the deque, if any, is freed
+        if self._queue is not _EMPTY:
+            self._queue = _EMPTY  # empty: the deque is freed
 
     async def _carry_on(
         self, steps: Generator[Any, None, Any] | Coroutine[Any, Any, Any], waiting_for: object, done: Done | None
@@ -371,7 +372,7 @@ class AsgiTransport:
         self._handed_over.release()
 
     def offer(self, frame: Frame) -> bool:
-        if threading.get_ident() != self._loop_thread:
+        if not self._on_loop():
             # From another thread: the loop offers it, with every other member of
             # this broadcast on the loop, as one item of its mailbox.
             if self._close_sent or self._disconnected or self._restarting:
@@ -388,20 +389,10 @@ class AsgiTransport:
         event = {"type": "websocket.send", "text" if isinstance(message, str) else "bytes": message}
         if not self._busy and not self._queue:
             # Nothing waits on this connection: send at once, as a bare loop
-            # over `await send(...)` would (the hot path of a broadcast, once
-            # per member: _run's work for one event that needs no callback).
-            # Only a send that has to wait counts towards the slow-client
-            # policy (the next broadcasts queue behind it, counted).
-            sending = self._send(event)
-            steps = sending if type(sending) is types.CoroutineType else sending.__await__()
-            try:
-                waiting_for = steps.send(None)
-            except StopIteration:
-                return True
-            except Exception:  # the server refuses sends once the client is gone
-                return True
-            self._busy = True  # the server's send must wait (a slow client): a task carries it on
-            self._loop.create_task(self._carry_on(steps, waiting_for, None))
+            # over `await send(...)` would. Only a send that has to wait counts
+            # towards the slow-client policy (the next broadcasts queue behind
+            # it, counted).
+            self._run(event, None)
             return True
         now = time.monotonic()
         if not self._offered:

@@ -46,7 +46,7 @@ class ServerProtocol(Protocol):
 
     @property  # type: ignore[override]
     def state(self) -> State:
-        return self._state
+        return Protocol.state.fget(self)  # type: ignore[attr-defined]
 
     @state.setter
     def state(self, state: State) -> None:

@@ -197,18 +197,12 @@ class SocketTransport:
                     return False
                 if self._outbox.is_empty():  # nothing waits before it: straight to the socket
                     data = self._frame(frame) if self._compressed else frame.data
-                    try:  # self._send_now(data), inlined
-                        if self._fd_nonblocking:
-                            sent = os.write(self._fd, data)
-                        else:
-                            sent = self._sock.send(data, _DONTWAIT)
-                    except (BlockingIOError, InterruptedError):
-                        sent = 0
-                    except OSError:
-                        self._shutdown()
-                        return False
+                    sent = self._send_now(data)
                     if sent == len(data):
                         return True
+                    if sent < 0:
+                        self._shutdown()
+                        return False
                     self._outbox.push_front(data[sent:])
                     hub.want_write(self)
                     return True
@@ -552,7 +546,7 @@ class SocketTransport:
                     return None
             if self._fd_nonblocking:  # gevent's recv() would wait for data: read the descriptor
                 return os.read(self._fd, _RECV_SIZE)
-            return self._sock.recv(_RECV_SIZE, socket.MSG_DONTWAIT)
+            return self._sock.recv(_RECV_SIZE, _DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return None
         except OSError:
